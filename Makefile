@@ -1,0 +1,49 @@
+# gram-ray: the two commands are `make demo` and `make test`; both set up from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: help setup ffmpeg test lint typecheck demo bench clean
+
+help:
+	@echo "make demo   set up, then run the whole pipeline end to end on local Ray + sqlite MLflow"
+	@echo "make test   set up, then lint, type-check and run the full test suite"
+	@echo "make setup  create $(VENV) with every Python dependency and install ffmpeg"
+	@echo "make bench  run the benchmarks in benchmarks/"
+
+setup: $(STAMP) ffmpeg
+
+# torch first, from the pinned CPU build; then the project with every extra.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python >= 3.11 needed)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+ffmpeg:
+	@bash infra/scripts/install-ffmpeg.sh
+
+lint: setup
+	$(PY) -m ruff check .
+
+typecheck: setup
+	$(PY) -m mypy
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) -m jobs.demo
+
+bench: setup
+	$(PY) benchmarks/bench_volume.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,93 @@
+"""Session-wide real services, started once and shared by every test that asks for them.
+
+- `ray_cluster`: a 2-node Ray cluster (1 CPU each, token auth on) via `ray start`;
+  its client environment (RAY_ADDRESS, token) is exported for the session, so
+  subprocesses and in-process `ray.init()` both reach it.
+- `s3_server`: moto's standalone S3 server on 127.0.0.1 with the standard AWS
+  environment exported (fake credentials only).
+- `mlflow_server`: a real `mlflow server` (sqlite backend, proxied artifacts).
+- `shared_data`: ../shared/data when present; tests that need it skip otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.services import MlflowServer, RayCluster, S3Server
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GRAM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real media not available: {SHARED_DATA} does not exist (set GRAM_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    server = S3Server().start()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    try:
+        yield server
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[RayCluster]:
+    if shutil.which("ffmpeg") is None:
+        pytest.fail("ffmpeg is not installed: run `make setup` (it installs ffmpeg)")
+    cluster = RayCluster().start()
+    saved = {k: os.environ.get(k) for k in cluster.env}
+    os.environ.update(cluster.env)
+    try:
+        yield cluster
+    finally:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster: RayCluster) -> Iterator[RayCluster]:
+    """The test process itself connected to the session cluster as a driver."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, log_to_driver=False)
+    yield ray_cluster
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(root=tmp_path_factory.mktemp("mlflow-server")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
