@@ -28,6 +28,7 @@ always formed in at least float32, also under bfloat16 autocast.
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -62,22 +63,22 @@ class _UnitNormalize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor) -> Tensor:
         inv = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(_NORM_EPS).reciprocal_()
-        y = x * inv  # [B, d]
+        y: Tensor = x * inv  # [B, d]
         ctx.save_for_backward(y, inv)
         return y
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, g: Tensor) -> Tensor:  # type: ignore[override]
-        y, inv = ctx.saved_tensors  # type: ignore[attr-defined]
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        y, inv = ctx.saved_tensors
         dot = torch.linalg.vecdot(g, y, dim=-1).unsqueeze(-1)  # [B, 1]
         return torch.addcmul(g, y, dot, value=-1.0).mul_(inv)
 
 
 def _normalize(x: Tensor) -> Tensor:
     """L2-normalise rows of x [B, d] in float32 (float64 stays float64)."""
-    y: Tensor = _UnitNormalize.apply(x.to(_compute_dtype(x)))
+    y: Tensor = _UnitNormalize.apply(x.to(_compute_dtype(x)))  # type: ignore[no-untyped-call]
     return y
 
 
@@ -94,7 +95,7 @@ def _apply_mask(gram: Tensor, mask: Tensor | None) -> Tensor:
     if mask is None:
         return gram
     k = gram.shape[-1]
-    if mask.shape != gram.shape[:1] + (k,):
+    if mask.shape != (*gram.shape[:1], k):
         raise ValueError(f"mask must be [B, k] = {(gram.shape[0], k)}, got {tuple(mask.shape)}")
     m = mask.to(torch.bool)
     keep = (m[:, :, None] & m[:, None, :]).to(gram.dtype)  # [B, k, k]
@@ -121,7 +122,8 @@ def gram_determinant(gram: Tensor) -> Tensor:
             - g[:, 0, 1] * (g[:, 1, 0] * g[:, 2, 2] - g[:, 1, 2] * g[:, 2, 0])
             + g[:, 0, 2] * (g[:, 1, 0] * g[:, 2, 1] - g[:, 1, 1] * g[:, 2, 0])
         )
-    return torch.linalg.det(gram)
+    det: Tensor = torch.linalg.det(gram)
+    return det
 
 
 def _adjugate(gram: Tensor) -> Tensor:
@@ -148,9 +150,7 @@ def _adjugate(gram: Tensor) -> Tensor:
     return torch.stack(rows, -2)
 
 
-def volume(
-    *embeddings: Tensor, mask: Tensor | None = None, normalize: bool = True
-) -> Tensor:
+def volume(*embeddings: Tensor, mask: Tensor | None = None, normalize: bool = True) -> Tensor:
     """Per-sample volume of the parallelotope spanned by k >= 2 embeddings.
 
     Args:
@@ -183,8 +183,8 @@ class _SchurVolume(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,
         alpha: Tensor,  # [Na]
         det_d: Tensor,  # [Nb]
         adj: Tensor,  # [Nb, n, n], n = k - 1
@@ -202,10 +202,8 @@ class _SchurVolume(torch.autograd.Function):
         return vol
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_vol: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        alpha, det_d, adj, vol, clamped, *planes = ctx.saved_tensors  # type: ignore[attr-defined]
+    def backward(ctx: Any, grad_vol: Tensor) -> tuple[Tensor | None, ...]:
+        alpha, det_d, adj, vol, clamped, *planes = ctx.saved_tensors
         n = len(planes)
         # d vol / d det = 1 / (2 vol), and 0 where the floor was active.
         g = (grad_vol * 0.5 / vol).masked_fill_(clamped, 0.0)  # [Na, Nb]
@@ -232,14 +230,14 @@ class _UnitVolume2(torch.autograd.Function):
     """k = 2 with unit vectors: vol = sqrt(max(1 - c^2, floor)); c: [Na, Nb] cosines."""
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, c: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, c: Tensor) -> Tensor:
         vol = torch.mul(c, c).neg_().add_(1.0).clamp_min_(DET_FLOOR).sqrt_()  # [Na, Nb]
         ctx.save_for_backward(c, vol)
         return vol
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_vol: Tensor) -> Tensor:  # type: ignore[override]
-        c, vol = ctx.saved_tensors  # type: ignore[attr-defined]
+    def backward(ctx: Any, grad_vol: Tensor) -> Tensor:
+        c, vol = ctx.saved_tensors
         h = _grad_over_vol(grad_vol, vol)  # [Na, Nb], d vol/d det = h / 2
         return h.mul_(c).neg_()  # d det/d c = -2c
 
@@ -253,9 +251,7 @@ class _UnitVolume3(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, c1: Tensor, c2: Tensor, r: Tensor
-    ) -> Tensor:
+    def forward(ctx: Any, c1: Tensor, c2: Tensor, r: Tensor) -> Tensor:
         det = torch.mul(c2, 2.0 * r).mul_(c1)  # [Na, Nb] 2 r c1 c2
         det.addcmul_(c1, c1, value=-1.0).addcmul_(c2, c2, value=-1.0).add_(1.0 - r * r)
         vol = det.clamp_min_(DET_FLOOR).sqrt_()
@@ -263,10 +259,8 @@ class _UnitVolume3(torch.autograd.Function):
         return vol
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_vol: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        c1, c2, r, vol = ctx.saved_tensors  # type: ignore[attr-defined]
+    def backward(ctx: Any, grad_vol: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c1, c2, r, vol = ctx.saved_tensors
         h = _grad_over_vol(grad_vol, vol)  # [Na, Nb]
         # d det/d c1 = 2 (r c2 - c1), d det/d c2 = 2 (r c1 - c2), d det/d r = 2 (c1 c2 - r).
         grad_c1 = torch.mul(c2, r).sub_(c1).mul_(h)
@@ -331,12 +325,12 @@ def volume_matrix(
             planes = [p * present[:, m] for m, p in enumerate(planes)]
         vol: Tensor
         if normalize and n == 1:
-            vol = _UnitVolume2.apply(planes[0])
+            vol = _UnitVolume2.apply(planes[0])  # type: ignore[no-untyped-call]
         elif normalize and n == 2:
             r = (others[0].to(dtype) * others[1].to(dtype)).sum(-1)  # [Nb]
             if present is not None:
                 r = r * present[:, 0] * present[:, 1]
-            vol = _UnitVolume3.apply(planes[0], planes[1], r)
+            vol = _UnitVolume3.apply(planes[0], planes[1], r)  # type: ignore[no-untyped-call]
         else:
             a32 = anchor.to(dtype)
             o32 = torch.stack([o.to(dtype) for o in others], dim=1)  # [Nb, n, d]
@@ -344,5 +338,5 @@ def volume_matrix(
             data_gram = _apply_mask(o32 @ o32.transpose(1, 2), mask)  # [Nb, n, n]
             det_d = gram_determinant(data_gram)  # [Nb]
             adj = _adjugate(data_gram)  # [Nb, n, n]
-            vol = _SchurVolume.apply(alpha, det_d, adj, *planes)
+            vol = _SchurVolume.apply(alpha, det_d, adj, *planes)  # type: ignore[no-untyped-call]
         return vol

@@ -32,7 +32,9 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real media not available: {SHARED_DATA} does not exist (set GRAM_SHARED_DATA)")
+        pytest.skip(
+            f"real media not available: {SHARED_DATA} does not exist (set GRAM_SHARED_DATA)"
+        )
     return SHARED_DATA
 
 
@@ -81,7 +83,7 @@ def ray_session(ray_cluster: RayCluster) -> Iterator[RayCluster]:
 
     if not ray.is_initialized():
         ray.init(address=ray_cluster.address, log_to_driver=False)
-    yield ray_cluster
+    return ray_cluster
 
 
 @pytest.fixture(scope="session")

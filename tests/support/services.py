@@ -35,7 +35,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for_http(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_http(
+    url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll `url` until it answers with a status < 500, or fail with a clear error."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -43,14 +45,14 @@ def wait_for_http(url: str, timeout: float = 60.0, proc: subprocess.Popen[bytes]
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process for {url} exited early with code {proc.returncode}")
         try:
-            with urllib.request.urlopen(url, timeout=2) as resp:  # noqa: S310 (local test URL)
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status < 500:
                     return
         except urllib.error.HTTPError as exc:
             if exc.code < 500:  # answering, e.g. 401 behind token auth
                 return
             last = exc
-        except Exception as exc:  # noqa: BLE001 (any failure means: not up yet)
+        except Exception as exc:
             last = exc
         time.sleep(0.25)
     raise TimeoutError(f"{url} did not come up within {timeout:.0f}s (last error: {last})")
@@ -132,7 +134,9 @@ class RayCluster:
         cmd = [str(VENV_BIN / "ray"), "start", *args, "--disable-usage-stats"]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
         if res.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+            )
 
     def _node_ports(self) -> list[str]:
         # Every per-node port is chosen here, so two clusters (or two nodes) on one
@@ -214,7 +218,7 @@ class S3Server:
             kill_tree([self.proc.pid])
             self.proc = None
 
-    def client(self):  # noqa: ANN201 (boto3 client types are generated)
+    def client(self):
         import boto3
 
         return boto3.client(
@@ -253,11 +257,16 @@ class MlflowServer:
             [
                 str(VENV_BIN / "mlflow"),
                 "server",
-                "--host", "127.0.0.1",
-                "--port", str(self.port),
-                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                "--artifacts-destination", str(self.root / "artifacts"),
-                "--workers", "1",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
