@@ -110,6 +110,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
@@ -137,7 +142,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(
-                f"unknown key {prefix}{key!r} in {cls.__name__}{_suggest(str(key), list(fields))}"
+                f"unknown key {prefix + str(key)!r} in {cls.__name__}"
+                f"{_suggest(str(key), list(fields))}"
             )
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     missing = [

@@ -263,9 +263,11 @@ class _UnitVolume3(torch.autograd.Function):
         c1, c2, r, vol = ctx.saved_tensors
         h = _grad_over_vol(grad_vol, vol)  # [Na, Nb]
         # d det/d c1 = 2 (r c2 - c1), d det/d c2 = 2 (r c1 - c2), d det/d r = 2 (c1 c2 - r).
-        grad_c1 = torch.mul(c2, r).sub_(c1).mul_(h)
-        grad_c2 = torch.mul(c1, r).sub_(c2).mul_(h)
-        grad_r = torch.mul(h, c1).mul_(c2).sum(0) - r * h.sum(0)  # [Nb]
+        buf = torch.mul(h, c1)  # [Na, Nb], reused below for grad_c2
+        grad_r = buf.mul_(c2).sum(0) - r * h.sum(0)  # [Nb]
+        h.neg_()
+        grad_c1 = torch.addcmul(c1, c2, r, value=-1.0).mul_(h)  # (c1 - r c2) * -h
+        grad_c2 = torch.addcmul(c2, c1, r, value=-1.0, out=buf).mul_(h)
         return grad_c1, grad_c2, grad_r
 
 
