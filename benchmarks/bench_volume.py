@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gram import retrieval_metrics, volume_matrix  # noqa: E402
+from gram import retrieval_metrics, volume_matrix
 
 
 def naive_volume_matrix(anchor: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,10 @@ def retrieval_line(n: int, d: int) -> str:
     retrieval_metrics(text, items, torch.arange(n))
     seconds = time.perf_counter() - start
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    return f"retrieval {n} x {n} tri-modal, d={d}, 2 threads: {seconds:.1f} s, peak RSS +{grown:.0f} MiB"
+    return (
+        f"retrieval {n} x {n} tri-modal, d={d}, 2 threads: "
+        f"{seconds:.1f} s, peak RSS +{grown:.0f} MiB"
+    )
 
 
 def main() -> None:
