@@ -115,7 +115,8 @@ def main() -> None:
         return
     sizes = [s for s in args.sizes if s <= 1024] if args.quick else args.sizes
     print(
-        f"torch {torch.__version__}, 1 thread, d={args.dim}, best of {args.repeats}; times in ms, memory in MiB"
+        f"torch {torch.__version__}, 1 thread, d={args.dim}, best of {args.repeats}; "
+        "times in ms, memory in MiB"
     )
     header = (
         f"{'B':>5} {'k':>2} | {'gram':>8} {'naive':>9} {'floor':>8} | {'naive/gram':>10} "
