@@ -1,0 +1,96 @@
+"""MLflow tracking against a real `mlflow server`: logging survives the server going away."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from jobs.common.secrets import REDACTED
+from jobs.common.tracking import Tracker, TrackingConfig, flatten
+from tests.support.services import MlflowServer
+
+
+def test_flatten_nests_and_redacts():
+    flat = flatten({"optim": {"lr": 0.1}, "storage": {"secret_key": "abc", "endpoint": "x"}})
+    assert flat == {"optim.lr": "0.1", "storage.secret_key": REDACTED, "storage.endpoint": "x"}
+
+
+def test_local_sqlite_store_records_params_metrics_and_artifacts(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(TrackingConfig(tracking_uri=uri, experiment="local"), run_name="r")
+    tracker.log_params({"model": {"name": "tiny"}})
+    for step in range(5):
+        tracker.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    report = tmp_path / "report.json"
+    report.write_text("{}")
+    tracker.log_artifact(report)
+    assert tracker.close()
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"model.name": "tiny"}
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(5))
+    assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["report.json"]
+    assert (tmp_path / "mlartifacts").is_dir(), "artifacts stay beside the database"
+
+
+def test_disabled_tracker_is_a_no_op(tmp_path):
+    tracker = Tracker(TrackingConfig(tracking_uri=f"sqlite:///{tmp_path / 'x.db'}", enabled=False))
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    assert tracker.close()
+    assert tracker.run_id is None
+    assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.slow
+def test_server_outage_warns_keeps_going_and_delivers_after_return(tmp_path, caplog):
+    server = MlflowServer(root=tmp_path / "srv").start()
+    try:
+        cfg = TrackingConfig(tracking_uri=server.url, experiment="outage", retry_seconds=0.5)
+        tracker = Tracker(cfg, run_name="outage")
+        tracker.log_metrics({"loss": 0.0}, step=0)
+        run_id = tracker.wait_for_run(timeout=60)
+        assert run_id is not None
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="jobs.common.tracking"):
+            start = time.monotonic()
+            for step in range(1, 51):
+                tracker.log_metrics({"loss": float(step)}, step=step)
+            assert time.monotonic() - start < 1.0, "logging must not block while MLflow is down"
+            deadline = time.monotonic() + 60
+            while "unreachable" not in caplog.text and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert "metrics are not being logged" in caplog.text
+            server.start()
+            assert tracker.close(timeout=120)
+            assert "reachable again" in caplog.text
+        history = MlflowClient(tracking_uri=server.url).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == list(range(51))
+    finally:
+        server.stop()
+
+
+@pytest.mark.slow
+def test_start_while_server_is_down_then_resume_existing_run(tmp_path):
+    server = MlflowServer(root=tmp_path / "srv")
+    cfg = TrackingConfig(tracking_uri=server.url, experiment="late", retry_seconds=0.5)
+    tracker = Tracker(cfg, run_name="late")
+    tracker.log_metrics({"loss": 1.0}, step=0)
+    assert tracker.wait_for_run(timeout=2) is None
+    server.start()
+    try:
+        assert tracker.close(timeout=120)
+        first = tracker.run_id
+        resumed = Tracker(cfg, run_id=first)
+        resumed.log_metrics({"loss": 0.5}, step=1)
+        assert resumed.close(timeout=60)
+        assert resumed.run_id == first
+        steps = [
+            m.step for m in MlflowClient(tracking_uri=server.url).get_metric_history(first, "loss")
+        ]
+        assert sorted(steps) == [0, 1]
+    finally:
+        server.stop()
