@@ -1,0 +1,306 @@
+"""Stream WebDataset shards to training ranks: deterministic, resumable, exactly once per epoch.
+
+Each epoch, the shards are put in a seeded random order and their samples read
+as one global sequence of N samples. Rank r of W reads the contiguous span
+[r * N // W, (r + 1) * N // W) of that sequence (at most two shards are split
+between neighbouring ranks), so every rank holds exactly N // W samples and
+the N mod W samples at the tail (fewer than W) are the only ones left out:
+what equalising the ranks needs, nothing more. Within its span a rank mixes
+samples through a seeded shuffle buffer.
+
+Everything is a pure function of (shard list, seed, epoch, rank, world size),
+so a restarted rank regenerates the same order and skips what it had already
+consumed (`skip` samples, read but not decoded).
+
+Reading is sequential (`tarfile` stream mode: works on any non-seekable
+stream, e.g. an S3 object) and never writes members to disk; member names are
+validated. Decoding runs on a thread pool (JPEG/FLAC decoders release the
+GIL) and whole batches are prefetched on a background thread, so loading
+overlaps compute. `ShardLoader.wait_seconds` measures how long the consumer
+waited for data.
+
+The storage is injected: `open_shard(url)` returns a readable binary stream,
+keeping this module free of any object-store client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import random
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any
+
+from gram.schema import validate_key, validate_member_name
+
+__all__ = [
+    "EpochPlan",
+    "RawSample",
+    "ShardInfo",
+    "ShardLoader",
+    "iter_raw_samples",
+    "plan_epoch",
+    "steps_per_epoch",
+]
+
+RawSample = dict[str, Any]
+"""`{"__key__": str, "__url__": str, <member suffix>: bytes, ...}`."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: where it is and how many samples it holds (from `index.json`)."""
+
+    url: str
+    count: int
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """What one rank reads in one epoch.
+
+    spans: (shard index, first sample, end sample) in read order.
+    samples: samples this rank reads (the same on every rank).
+    dropped: samples no rank reads this epoch (N mod world_size).
+    """
+
+    epoch: int
+    rank: int
+    world_size: int
+    spans: tuple[tuple[int, int, int], ...]
+    samples: int
+    dropped: int
+
+
+def _epoch_rng(seed: int, *parts: int) -> random.Random:
+    """A generator seeded from (seed, parts), identical in every process (str seeds are stable)."""
+    return random.Random(f"gram:{seed}:{':'.join(map(str, parts))}")
+
+
+def plan_epoch(
+    shards: Sequence[ShardInfo], *, epoch: int, seed: int, rank: int, world_size: int
+) -> EpochPlan:
+    """Rank `rank`'s contiguous share of the epoch's seeded shard order."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if any(s.count < 0 for s in shards):
+        raise ValueError("shard sample counts must be >= 0")
+    order = list(range(len(shards)))
+    _epoch_rng(seed, epoch).shuffle(order)
+    total = sum(s.count for s in shards)
+    per_rank = total // world_size
+    start, end = rank * per_rank, (rank + 1) * per_rank
+    spans = []
+    pos = 0
+    for idx in order:
+        count = shards[idx].count
+        lo, hi = max(start, pos), min(end, pos + count)
+        if lo < hi:
+            spans.append((idx, lo - pos, hi - pos))
+        pos += count
+    return EpochPlan(
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        spans=tuple(spans),
+        samples=per_rank,
+        dropped=total - per_rank * world_size,
+    )
+
+
+def steps_per_epoch(total_samples: int, world_size: int, batch_size: int) -> int:
+    """Optimizer steps per epoch: every rank's N // W samples in batches (the last may be short)."""
+    per_rank = total_samples // world_size
+    return -(-per_rank // batch_size)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    """`dir/key.f000.jpg` -> (`key`, `f000.jpg`): WebDataset's first-dot rule on the basename."""
+    validate_member_name(name)
+    base = name.rsplit("/", 1)[-1]
+    key, dot, suffix = base.partition(".")
+    if not dot or not suffix:
+        raise ValueError(f"tar member {name!r} has no suffix after its key")
+    validate_key(key)
+    return key, suffix
+
+
+def iter_raw_samples(
+    stream: IO[bytes], url: str, *, first: int = 0, end: int | None = None
+) -> Iterator[RawSample]:
+    """Samples `first..end-1` of one shard, members grouped by key, read sequentially.
+
+    Members of samples before `first` are skipped without being kept in memory.
+    Raises ValueError on unsafe member names and on a key that appears twice.
+    """
+    current: RawSample | None = None
+    index = -1
+    seen: set[str] = set()
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, suffix = _split_member(member.name)
+            if current is None or key != current["__key__"]:
+                if current is not None and index >= first:
+                    yield current
+                if key in seen:
+                    raise ValueError(f"{url}: key {key!r} appears in two separate runs of members")
+                seen.add(key)
+                index += 1
+                if end is not None and index >= end:
+                    return
+                current = {"__key__": key, "__url__": url}
+            if index < first:
+                continue
+            handle = tar.extractfile(member)
+            if handle is None:
+                raise ValueError(f"{url}: member {member.name!r} cannot be read")
+            current[suffix] = handle.read()
+    if current is not None and index >= first and (end is None or index < end):
+        yield current
+
+
+def _shuffled(items: Iterator[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
+    """A seeded shuffle buffer of `size` samples (size <= 1: unchanged order)."""
+    if size <= 1:
+        yield from items
+        return
+    buf: list[RawSample] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= size:
+            j = rng.randrange(len(buf))
+            buf[j], buf[-1] = buf[-1], buf[j]
+            yield buf.pop()
+    rng.shuffle(buf)
+    yield from buf
+
+
+_END = object()
+
+
+class ShardLoader:
+    """Batches for one rank, epoch by epoch, with background reading, decoding and prefetch.
+
+    Args:
+        shards: every shard of the dataset with its sample count.
+        batch_size: samples per batch on this rank.
+        rank, world_size: this rank and the number of ranks.
+        seed: base seed of the shard order and the shuffle buffer.
+        open_shard: url -> readable binary stream (local file, S3 object, ...).
+        decode: raw sample -> decoded sample (e.g. tensors); called on worker threads
+            with a per-sample `random.Random` so augmentation is reproducible.
+        collate: list of decoded samples -> batch.
+        shuffle_buffer: samples in the shuffle buffer (1 = no shuffling, for evaluation).
+        decode_threads: threads decoding samples in parallel.
+        prefetch_batches: batches prepared ahead of the consumer.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[ShardInfo],
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        open_shard: Callable[[str], IO[bytes]],
+        decode: Callable[[RawSample, random.Random], Any],
+        collate: Callable[[list[Any]], Any],
+        shuffle_buffer: int = 1000,
+        decode_threads: int = 4,
+        prefetch_batches: int = 4,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.shards = list(shards)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.open_shard = open_shard
+        self.decode = decode
+        self.collate = collate
+        self.shuffle_buffer = shuffle_buffer
+        self.decode_threads = max(1, decode_threads)
+        self.prefetch_batches = max(1, prefetch_batches)
+        self.wait_seconds = 0.0
+        self.total_samples = sum(s.count for s in self.shards)
+
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(self.total_samples, self.world_size, self.batch_size)
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(
+            self.shards, epoch=epoch, seed=self.seed, rank=self.rank, world_size=self.world_size
+        )
+
+    def raw_samples(self, epoch: int) -> Iterator[RawSample]:
+        """This rank's raw samples of `epoch` in their final (shuffled) order."""
+        plan = self.plan(epoch)
+
+        def in_order() -> Iterator[RawSample]:
+            for idx, first, end in plan.spans:
+                shard = self.shards[idx]
+                n = 0
+                with self.open_shard(shard.url) as stream:
+                    for sample in iter_raw_samples(stream, shard.url, first=first, end=end):
+                        n += 1
+                        yield sample
+                if n != end - first:
+                    raise ValueError(
+                        f"{shard.url}: expected samples {first}..{end - 1} "
+                        f"(index says {shard.count}), read {n}: shard and index disagree"
+                    )
+
+        rng = _epoch_rng(self.seed, epoch, self.rank, 1)
+        return _shuffled(in_order(), self.shuffle_buffer, rng)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Any]:
+        """Batches of `epoch`, after skipping the first `skip` samples (to resume mid-epoch)."""
+        out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch_batches)
+        stop = threading.Event()
+
+        def produce() -> None:
+            try:
+                with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+                    batch: list[Any] = []
+                    for i, raw in enumerate(self.raw_samples(epoch)):
+                        if stop.is_set():
+                            return
+                        if i < skip:
+                            continue
+                        rng = _epoch_rng(self.seed, epoch, i, self.rank)
+                        batch.append(pool.submit(self.decode, raw, rng))
+                        if len(batch) == self.batch_size:
+                            out.put(self.collate([f.result() for f in batch]))
+                            batch = []
+                    if batch:
+                        out.put(self.collate([f.result() for f in batch]))
+                out.put(_END)
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                out.put(exc)
+
+        thread = threading.Thread(target=produce, name=f"shards-epoch{epoch}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                start = time.perf_counter()
+                item = out.get()
+                self.wait_seconds += time.perf_counter() - start
+                if item is _END:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            while thread.is_alive():
+                with contextlib.suppress(queue.Empty):
+                    out.get(timeout=0.1)
