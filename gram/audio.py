@@ -54,8 +54,8 @@ def mel_filterbank(
             f"fmin={fmin}, fmax={fmax}, sample_rate={sample_rate}"
         )
     fft_hz = torch.linspace(0.0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)  # [K]
-    lo, hi = hz_to_mel(torch.tensor([fmin, fmax], dtype=torch.float64))
-    points = mel_to_hz(torch.linspace(float(lo), float(hi), n_mels + 2, dtype=torch.float64))
+    lo, hi = (2595.0 * math.log10(1.0 + f / 700.0) for f in (fmin, fmax))  # hz_to_mel
+    points = mel_to_hz(torch.linspace(lo, hi, n_mels + 2, dtype=torch.float64))  # [n_mels + 2]
     widths = points[1:] - points[:-1]  # [n_mels + 1]
     ramps = points[:, None] - fft_hz[None, :]  # [n_mels + 2, K]
     lower = -ramps[:-2] / widths[:-1, None]  # [n_mels, K] rising edge
