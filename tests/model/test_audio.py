@@ -49,7 +49,9 @@ def signals() -> dict[str, np.ndarray]:
 
 def test_filterbank_matches_librosa_htk():
     ours = mel_filterbank(sample_rate=SR, n_fft=512, n_mels=64, fmin=20.0, fmax=8000.0).numpy()
-    ref = librosa.filters.mel(sr=SR, n_fft=512, n_mels=64, fmin=20.0, fmax=8000.0, htk=True, norm=None)
+    ref = librosa.filters.mel(
+        sr=SR, n_fft=512, n_mels=64, fmin=20.0, fmax=8000.0, htk=True, norm=None
+    )
     assert ours.shape == (64, 257)
     np.testing.assert_allclose(ours, ref, atol=1e-5)
 

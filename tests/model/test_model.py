@@ -42,7 +42,8 @@ def test_every_shipped_config_loads_validates_and_builds():
 
 def test_config_overrides_and_errors_name_the_fix():
     cfg = model_config("tiny", ["embed_dim=32", "vision.temporal_pool=attention"])
-    assert cfg.embed_dim == 32 and cfg.vision.temporal_pool == "attention"
+    assert cfg.embed_dim == 32
+    assert cfg.vision.temporal_pool == "attention"
     with pytest.raises(ConfigError, match="shipped configs are"):
         model_config("huge")
     with pytest.raises(ConfigError, match="did you mean 'embed_dim'"):
@@ -70,7 +71,8 @@ def test_forward_is_the_loss_input(tiny, tiny_batch):
     for name in ("text", "video", "audio"):
         assert out[name].shape == (8, 128)
         torch.testing.assert_close(out[name].norm(dim=-1), torch.ones(8))
-    assert out["mask"].dtype == torch.bool and out["mask"].shape == (8, 3)
+    assert out["mask"].dtype == torch.bool
+    assert out["mask"].shape == (8, 3)
     assert out["mask"][:, :2].all()
     torch.testing.assert_close(out["mask"][:, 2], tiny_batch["audio_present"])
     assert not tiny_batch["audio_present"].all(), "the fixture should include missing audio"
@@ -162,7 +164,8 @@ def test_dam_head_adds_a_loss_in_training_only(tiny_batch):
     model = gram_tiny(["dam.enabled=true"])
     out = model(tiny_batch)
     dam = out.pop("dam_loss")
-    assert dam.shape == () and torch.isfinite(dam)
+    assert dam.shape == ()
+    assert torch.isfinite(dam)
     (GramLoss()(**out)["loss"] + model.cfg.dam.weight * dam).backward()
     assert all(p.grad is not None for p in model.dam.parameters())
     model.eval()
@@ -178,6 +181,7 @@ def test_hard_negatives_avoid_the_diagonal_and_prefer_small_volumes():
     hits = 0
     for _ in range(200):
         neg_data, neg_anchor = sample_hard_negatives(volumes, 0.07, generator=g)
-        assert (neg_data != torch.arange(6)).all() and (neg_anchor != torch.arange(6)).all()
+        assert (neg_data != torch.arange(6)).all()
+        assert (neg_anchor != torch.arange(6)).all()
         hits += int(neg_data[0] == 3)
     assert hits > 190  # exp(-0.1/0.07) vs exp(-0.9/0.07): almost always the hard one
