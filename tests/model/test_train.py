@@ -164,3 +164,14 @@ def test_tiny_learns_tri_modal_retrieval_on_cpu(one_thread):
     assert after["volume_t2i_r1"] > after["cosine_audio_t2i_r1"] + 30, after
     assert after["volume_i2t_r1"] >= 50, after
     assert elapsed < 60, f"took {elapsed:.0f} s"
+
+
+def test_bfloat16_autocast_path_runs(tiny, tiny_batch):
+    """The GPU path (bf16 autocast), forced on CPU: finite loss, float32 parameters."""
+    loss = GramLoss()
+    opt = build_optimizer(tiny, loss, OptimConfig(lr=1e-3))
+    stats = train_step(tiny, loss, opt, tiny_batch, autocast=True)
+    assert torch.isfinite(torch.tensor(stats["loss"]))
+    assert all(p.dtype == torch.float32 for p in tiny.parameters())
+    metrics = evaluate(tiny, [tiny_batch], autocast=True)
+    assert 0 <= metrics["volume_t2i_r1"] <= 100
