@@ -6,7 +6,7 @@
 
 Every clip has a visual attribute (the colour of a square moving over noise)
 and an auditory one (the pitch of a tone, named by a sound word), and every
-caption names both ("a red square and a high whistle"). With C colours and
+caption names both ("a red square and a whistle"). With C colours and
 P sounds, text -> video alone cannot tell apart the P clips of one colour, nor
 text -> audio the C clips of one sound: only the two together identify a
 clip, which is what the volume of (text, video, audio) scores.
