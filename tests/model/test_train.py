@@ -38,7 +38,7 @@ def test_warmup_then_cosine():
     assert lrs[8] == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine
     assert lrs[12] == pytest.approx(0.1)
     assert lrs[13] == pytest.approx(0.1)  # stays at the floor after total_steps
-    assert all(a >= b for a, b in itertools.pairwise(lrs))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[3:]))  # never rises after warmup
 
 
 def test_optimizer_groups_exclude_norms_biases_embeddings_and_temperature(tiny):
