@@ -30,13 +30,13 @@ LOG_FLOOR = 1e-10
 """Smallest mel power passed to log (log(1e-10) = -23.0)."""
 
 
-def hz_to_mel(hz: Tensor) -> Tensor:
+def hz_to_mel(hz: float) -> float:
     """HTK mel scale: 2595 * log10(1 + hz / 700)."""
-    return 2595.0 * torch.log10(1.0 + hz / 700.0)
+    return 2595.0 * math.log10(1.0 + hz / 700.0)
 
 
 def mel_to_hz(mel: Tensor) -> Tensor:
-    """Inverse of `hz_to_mel`."""
+    """Inverse of `hz_to_mel`, elementwise on a tensor of mels."""
     return 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
 
 
@@ -54,8 +54,8 @@ def mel_filterbank(
             f"fmin={fmin}, fmax={fmax}, sample_rate={sample_rate}"
         )
     fft_hz = torch.linspace(0.0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)  # [K]
-    lo, hi = (2595.0 * math.log10(1.0 + f / 700.0) for f in (fmin, fmax))  # hz_to_mel
-    points = mel_to_hz(torch.linspace(lo, hi, n_mels + 2, dtype=torch.float64))  # [n_mels + 2]
+    mels = torch.linspace(hz_to_mel(fmin), hz_to_mel(fmax), n_mels + 2, dtype=torch.float64)
+    points = mel_to_hz(mels)  # [n_mels + 2] Hz
     widths = points[1:] - points[:-1]  # [n_mels + 1]
     ramps = points[:, None] - fft_hz[None, :]  # [n_mels + 2, K]
     lower = -ramps[:-2] / widths[:-1, None]  # [n_mels, K] rising edge

@@ -230,8 +230,10 @@ def _segment_frames(
     return [s * per_segment + o for s, o in zip(chosen, offsets, strict=True)]
 
 
-def _crop_box(width: int, height: int, cfg: DecodeConfig, train: bool, rng: random.Random) -> Any:
-    """(new size, crop box) after resizing the short side to image_size * resize_ratio."""
+def _crop_box(
+    width: int, height: int, cfg: DecodeConfig, train: bool, rng: random.Random
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """(resized (w, h), crop box (left, top, right, bottom)) for a short side of S * ratio."""
     short = max(cfg.image_size, round(cfg.image_size * cfg.resize_ratio))
     scale = short / min(width, height)
     size = (max(cfg.image_size, round(width * scale)), max(cfg.image_size, round(height * scale)))

@@ -115,7 +115,8 @@ class GramModel(nn.Module):
         else:
             if name not in batch:
                 raise KeyError(f"batch has no {name!r} ({kind}); keys: {sorted(batch)}")
-            features = encoder(batch[name])  # [B, C]
+            device = next(self.projections[name].parameters()).device
+            features = encoder(torch.as_tensor(batch[name]).to(device))  # [B, C]
         return F.normalize(self.projections[name](features), dim=-1)  # [B, D]
 
     def _text_inputs(self, name: str, batch: Batch) -> tuple[Tensor, Tensor]:

@@ -98,7 +98,12 @@ def unwrap(model: nn.Module) -> GramModel:
 
 def _decays(name: str, p: Tensor) -> bool:
     leaf = name.rsplit(".", 1)[-1]
-    return p.ndim >= 2 and leaf not in _NO_DECAY_NAMES and "LayerNorm" not in name
+    return (
+        p.ndim >= 2
+        and leaf not in _NO_DECAY_NAMES
+        and "LayerNorm" not in name
+        and "_embeddings." not in name  # BERT word / position / token type tables
+    )
 
 
 def build_optimizer(model: nn.Module, loss: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:

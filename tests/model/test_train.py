@@ -53,6 +53,7 @@ def test_optimizer_groups_exclude_norms_biases_embeddings_and_temperature(tiny):
     assert "log_temperature" in kept
     assert "encoders.video.image.pos_embed" in kept
     assert "encoders.text.embeddings.LayerNorm.weight" in kept
+    assert "encoders.text.embeddings.word_embeddings.weight" in kept
     assert "encoders.video.image.blocks.0.attn.qkv.bias" in kept
     assert "encoders.video.image.blocks.0.attn.qkv.weight" in decayed
     assert "projections.audio.weight" in decayed
@@ -119,9 +120,9 @@ def test_tiny_learns_tri_modal_retrieval_on_cpu(one_thread):
     Each eval clip is a distinct (colour, sound) pair, so chance R@1 is 1/36 = 2.8%;
     text->video alone can at best pick among the 6 clips of the right colour (16.7%),
     text->audio among the 6 of the right sound. Measured (torch 2.13 CPU, one thread):
-    mean loss of the first 10 steps 3.37 -> last 20 steps 0.75; volume text->(video+audio)
-    R@1 90.3% (video+audio->text 91.7%) vs cosine text->video 22.2% and text->audio
-    6.1%, in ~22 s. Asserted with margin below.
+    mean loss of the first 10 steps 3.37 -> last 20 steps 0.77; volume text->(video+audio)
+    R@1 91.7% (video+audio->text 88.9%) vs cosine text->video 22.2% and text->audio
+    9.1%, in ~20 s. Asserted with margin below.
     """
     start = time.monotonic()
     torch.manual_seed(0)
