@@ -302,7 +302,7 @@ def decode_sample(
         raise SampleError(str(exc)) from None
     if rng is None:
         seed = int(torch.randint(0, 2**62, (1,)).item()) if train else 0
-        rng = random.Random(seed)  # noqa: S311 (augmentation, not cryptography)
+        rng = random.Random(seed)
 
     meta = _meta(sample, key)
     captions = _captions(sample, key)

@@ -129,7 +129,7 @@ class SyntheticClips:
         return self.num_clips
 
     def _rng(self, index: int, stream: str) -> random.Random:
-        return random.Random(f"{self.seed}-{index}-{stream}")  # noqa: S311 (synthetic data)
+        return random.Random(f"{self.seed}-{index}-{stream}")
 
     def clip(self, index: int) -> SyntheticClip:
         """The ground truth of clip `index` (no media is rendered)."""
