@@ -77,7 +77,7 @@ class EpochPlan:
     dropped: int
 
 
-def _epoch_rng(seed: int, *parts: int) -> random.Random:
+def _epoch_rng(seed: int, *parts: object) -> random.Random:
     """A generator seeded from (seed, parts), identical in every process (str seeds are stable)."""
     return random.Random(f"gram:{seed}:{':'.join(map(str, parts))}")
 
@@ -194,8 +194,9 @@ class ShardLoader:
         rank, world_size: this rank and the number of ranks.
         seed: base seed of the shard order and the shuffle buffer.
         open_shard: url -> readable binary stream (local file, S3 object, ...).
-        decode: raw sample -> decoded sample (e.g. tensors); called on worker threads
-            with a per-sample `random.Random` so augmentation is reproducible.
+        decode: (raw sample, rng) -> decoded sample (e.g. tensors), or None to skip a
+            broken sample; called on worker threads with a `random.Random` seeded from
+            (seed, epoch, sample key), so augmentation is reproducible.
         collate: list of decoded samples -> batch.
         shuffle_buffer: samples in the shuffle buffer (1 = no shuffling, for evaluation).
         decode_threads: threads decoding samples in parallel.
@@ -231,7 +232,16 @@ class ShardLoader:
         self.decode_threads = max(1, decode_threads)
         self.prefetch_batches = max(1, prefetch_batches)
         self.wait_seconds = 0.0
+        self.skipped = 0
         self.total_samples = sum(s.count for s in self.shards)
+
+    def _collate(self, futures: list[Any]) -> Any:
+        decoded = [f.result() for f in futures]
+        kept = [d for d in decoded if d is not None]
+        self.skipped += len(decoded) - len(kept)
+        if not kept:
+            raise ValueError(f"every sample of a batch of {len(decoded)} failed to decode")
+        return self.collate(kept)
 
     def steps_per_epoch(self) -> int:
         return steps_per_epoch(self.total_samples, self.world_size, self.batch_size)
@@ -249,7 +259,7 @@ class ShardLoader:
             for idx, first, end in plan.spans:
                 shard = self.shards[idx]
                 n = 0
-                with self.open_shard(shard.url) as stream:
+                with contextlib.closing(self.open_shard(shard.url)) as stream:
                     for sample in iter_raw_samples(stream, shard.url, first=first, end=end):
                         n += 1
                         yield sample
@@ -276,13 +286,15 @@ class ShardLoader:
                             return
                         if i < skip:
                             continue
-                        rng = _epoch_rng(self.seed, epoch, i, self.rank)
+                        # Per-sample randomness follows the sample, not the rank or the
+                        # position: any number of ranks sees the same augmented sample.
+                        rng = _epoch_rng(self.seed, epoch, raw["__key__"])
                         batch.append(pool.submit(self.decode, raw, rng))
                         if len(batch) == self.batch_size:
-                            out.put(self.collate([f.result() for f in batch]))
+                            out.put(self._collate(batch))
                             batch = []
                     if batch:
-                        out.put(self.collate([f.result() for f in batch]))
+                        out.put(self._collate(batch))
                 out.put(_END)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 out.put(exc)

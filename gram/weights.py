@@ -38,6 +38,7 @@ __all__ = [
     "check_and_load",
     "load_checkpoint",
     "load_weights",
+    "read_loss_state",
     "read_state_dict",
     "save_checkpoint",
 ]
@@ -121,6 +122,11 @@ def _read(path: str | Path) -> _FileContents:
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The model state dict in a weights file (a gram checkpoint's model part). On CPU."""
     return _read(path).model
+
+
+def read_loss_state(path: str | Path) -> dict[str, Tensor]:
+    """The loss state (e.g. the learned temperature) stored in a gram checkpoint. On CPU."""
+    return _read(path).loss
 
 
 def check_and_load(

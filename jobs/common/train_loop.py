@@ -1,0 +1,232 @@
+"""The loop every Ray Train worker runs: build, restore, stream shards, step, checkpoint, report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gram.config import from_dict
+from gram.data import DecodeConfig, SampleError, collate, decode_sample
+from gram.loss import build_loss
+from gram.model import build_model
+from gram.model_config import model_config
+from gram.shards import RawSample, ShardInfo, ShardLoader
+from gram.train import build_optimizer, cosine_schedule, evaluate, train_step
+from gram.weights import load_weights, read_loss_state
+from jobs.common.tracking import Tracker
+from jobs.common.training import (
+    Progress,
+    ProgressLine,
+    TrainConfig,
+    download_checkpoint,
+    load_trainer_state,
+    save_checkpoint_dir,
+)
+
+log = logging.getLogger("gram.train")
+
+
+@dataclass
+class RunPlan:
+    """What the driver worked out once for all workers."""
+
+    shards: list[ShardInfo]
+    eval_shards: list[ShardInfo]
+    total_steps: int
+    steps_per_epoch: int
+    mlflow_run_id: str
+
+
+def _open_shard(s3: Any) -> Any:
+    from pipelines import storage
+
+    def open_shard(url: str) -> Any:
+        return storage.open_read(url, s3=s3)
+
+    return open_shard
+
+
+def _decoder(cfg: DecodeConfig, *, train: bool) -> Any:
+    def decode(raw: RawSample, rng: random.Random) -> Any:
+        try:
+            return decode_sample(raw, cfg, train=train, rng=rng)
+        except SampleError as exc:
+            log.warning("skipping a broken sample: %s", exc)
+            return None
+
+    return decode
+
+
+def _restore(folder: Path, model: Any, loss: Any, optimizer: Any, scheduler: Any) -> Progress:
+    load_weights(model, folder / "model.safetensors")
+    loss.load_state_dict(read_loss_state(folder / "model.safetensors"))
+    state = load_trainer_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    random.setstate(state["rng_python"])
+    return from_dict(Progress, state["progress"])
+
+
+def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar stats over ranks (each rank's loss is its share of the global batch)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist(), strict=True)}
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """Ray Train entry: `payload` = {"config": TrainConfig as dict, "plan": RunPlan}."""
+    import ray.train
+    import ray.train.torch as ray_torch
+
+    cfg = from_dict(TrainConfig, payload["config"])
+    plan: RunPlan = payload["plan"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.threads_per_worker)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed + rank)
+    device = ray_torch.get_device()
+    s3 = cfg.s3.resolved()
+
+    mcfg = model_config(cfg.model, cfg.model_overrides)
+    model = build_model(mcfg)
+    loss = build_loss(
+        cfg.loss.kind,
+        anchor=mcfg.anchor,
+        temperature=cfg.loss.temperature,
+        learn_temperature=cfg.loss.learn_temperature,
+        label_smoothing=cfg.loss.label_smoothing,
+    )
+    optim_cfg = replace(
+        cfg.optim,
+        total_steps=plan.total_steps,
+        warmup_steps=min(cfg.optim.warmup_steps, plan.total_steps),
+    )
+    optimizer = build_optimizer(model, loss, optim_cfg)
+    scheduler = cosine_schedule(optimizer, optim_cfg)
+
+    progress = Progress(mlflow_run_id=plan.mlflow_run_id)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            progress = _restore(Path(folder), model, loss, optimizer, scheduler)
+        source = "the run's latest checkpoint"
+    elif cfg.checkpoint.resume_from:
+        folder = download_checkpoint(cfg.checkpoint.resume_from, s3)
+        progress = _restore(folder, model, loss, optimizer, scheduler)
+        source = cfg.checkpoint.resume_from
+    if rank == 0 and progress.step:
+        print(f"resumed at step {progress.step} (epoch {progress.epoch + 1}) from {source}", flush=True)
+
+    loss.to(device)
+    model = ray_torch.prepare_model(model)
+    decode_cfg = DecodeConfig.from_model(mcfg)
+
+    def make_loader(shards: list[ShardInfo], *, train: bool) -> ShardLoader:
+        return ShardLoader(
+            shards,
+            batch_size=cfg.data.batch_size,
+            rank=rank,
+            world_size=world,
+            seed=cfg.seed,
+            open_shard=_open_shard(s3),
+            decode=_decoder(decode_cfg, train=train),
+            collate=lambda items: collate(items, model.module.tokenizer if world > 1 else model.tokenizer),
+            shuffle_buffer=cfg.data.shuffle_buffer if train else 1,
+            decode_threads=cfg.data.decode_threads,
+            prefetch_batches=cfg.data.prefetch_batches,
+        )
+
+    loader = make_loader(plan.shards, train=True)
+    tracker = None
+    if rank == 0:
+        tracker = Tracker(cfg.tracking, run_id=progress.mlflow_run_id or None, run_name=cfg.name)
+    audit = None
+    if cfg.data.audit_dir:
+        Path(cfg.data.audit_dir).mkdir(parents=True, exist_ok=True)
+        audit = (Path(cfg.data.audit_dir) / f"rank{rank}.jsonl").open("a")
+
+    def run_eval(step: int) -> dict[str, float]:
+        if not plan.eval_shards:
+            return {}
+        batches = make_loader(plan.eval_shards, train=False).epoch(0)
+        limit = cfg.data.eval_max_batches or None
+        metrics = {f"eval_{k}": v for k, v in evaluate(model, batches, max_batches=limit).items()}
+        if tracker is not None:
+            tracker.log_metrics(metrics, step=step)
+            print(
+                f"eval at step {step}: text->(video+audio) R@1 {metrics.get('eval_volume_t2i_r1', 0):.1f}"
+                f" (cosine text->video {metrics.get('eval_cosine_video_t2i_r1', 0):.1f},"
+                f" text->audio {metrics.get('eval_cosine_audio_t2i_r1', 0):.1f})",
+                flush=True,
+            )
+        return metrics
+
+    def checkpoint_and_report(step: int, metrics: dict[str, Any], *, save: bool) -> None:
+        progress.mlflow_run_id = (tracker.run_id if tracker else None) or progress.mlflow_run_id
+        metrics = {**metrics, "step": step, "epoch": progress.epoch, "mlflow_run_id": progress.mlflow_run_id}
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="gram-ckpt-") as tmp:
+            ckpt = None
+            if rank == 0:
+                save_checkpoint_dir(Path(tmp), model, loss, optimizer, scheduler, progress, cfg)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    line = ProgressLine(plan.total_steps, cfg.epochs, cfg.data.batch_size * world, progress.step)
+    step, stats, last_saved = progress.step, {}, progress.step
+    wait_mark, time_mark = loader.wait_seconds, time.perf_counter()
+    while step < plan.total_steps:
+        skip = progress.epoch_step * cfg.data.batch_size
+        for batch in loader.epoch(progress.epoch, skip=skip):
+            stats = train_step(model, loss, optimizer, batch, scheduler=scheduler, grad_clip=optim_cfg.grad_clip)
+            step += 1
+            progress.step, progress.epoch_step = step, progress.epoch_step + 1
+            progress.samples_seen += len(batch["keys"]) * world
+            if audit is not None:
+                audit.write(json.dumps({"step": step, "epoch": progress.epoch, "keys": batch["keys"]}) + "\n")
+                audit.flush()
+            if step % cfg.log_every_steps == 0 or step == plan.total_steps:
+                now = time.perf_counter()
+                wait = (loader.wait_seconds - wait_mark) / max(now - time_mark, 1e-9)
+                wait_mark, time_mark = loader.wait_seconds, now
+                shown = _global_mean(stats, device)
+                rate = line.rate(step)
+                if tracker is not None:
+                    tracker.log_metrics({**shown, "samples_per_s": rate, "data_wait": wait}, step=step)
+                    print(line.line(step, progress.epoch, shown, rate, wait), flush=True)
+            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+                run_eval(step)
+            if step % cfg.checkpoint.every_steps == 0:
+                checkpoint_and_report(step, stats, save=True)
+                last_saved = step
+            elif step % cfg.report_every_steps == 0:
+                checkpoint_and_report(step, stats, save=False)
+            if step >= plan.total_steps:
+                break
+        else:
+            progress.epoch, progress.epoch_step = progress.epoch + 1, 0
+    final_eval = run_eval(step)
+    if last_saved != step or final_eval:
+        checkpoint_and_report(step, {**stats, **final_eval}, save=True)
+    if audit is not None:
+        audit.close()
+    if tracker is not None:
+        tracker.log_metrics({"skipped_samples": float(loader.skipped)}, step=step)
+        tracker.close()
