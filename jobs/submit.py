@@ -42,6 +42,7 @@ import secrets
 import shlex
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -420,6 +421,25 @@ def prepare(
     return submission
 
 
+def _locality_warnings(env_vars: Mapping[str, str]) -> list[str]:
+    """Settings that name this machine: on the cluster they mean the node running the job."""
+    found = []
+    for name in ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI"):
+        value = env_vars.get(name, "")
+        parsed = urllib.parse.urlsplit(value)
+        if value and parsed.scheme in ("", "file", "sqlite"):
+            found.append(
+                f"{name}={value} is a local store: the job writes it on the cluster node that "
+                "runs it, not on this machine"
+            )
+        elif parsed.hostname in ("127.0.0.1", "localhost", "::1"):
+            found.append(
+                f"{name}={value} points at localhost, which on the cluster is the node itself "
+                "(right only for a cluster on this machine)"
+            )
+    return found
+
+
 def _client_env_prefix(address: str, token: Token | None, environ: Mapping[str, str]) -> str:
     """Variables the plain `ray job ...` commands need in this shell (no secret values)."""
     words = ["RAY_AUTH_MODE=token"]
@@ -460,6 +480,8 @@ def run(
         say(f"cluster:     {submission.address}")
         say(f"working dir: {submission.runtime_env['working_dir']}")
         say(f"env vars:    {json.dumps(submission.shown_env_vars())}")
+        for warning in _locality_warnings(submission.runtime_env.get("env_vars", {})):
+            say(f"warning: {warning}")
         if submission.forwarded:
             say(
                 f"warning: forwarding {', '.join(submission.forwarded)} into the job's runtime "
