@@ -551,8 +551,8 @@ def test_preprocessing_is_cpu_and_training_has_a_gpu_worker_group():
             tolerations = group["template"]["spec"].get("tolerations", [])
             assert any(t.get("key") == "nvidia.com/gpu" for t in tolerations), where
         overrides = dict(w.split("=", 1) for w in entrypoint_words(doc) if "=" in w)
-        assert int(overrides["workers"]) == worker_gpus(spec), (
-            f"{where}: workers={overrides['workers']} but the GPU groups hold "
+        assert int(overrides["scaling.workers"]) == worker_gpus(spec), (
+            f"{where}: scaling.workers={overrides['scaling.workers']} but the GPU groups hold "
             f"{worker_gpus(spec)} GPUs (one training worker per GPU)"
         )
 
