@@ -26,7 +26,7 @@ from gram.config import ConfigError, load_config
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import ManifestError
 from pipelines.preprocess import FailureRateError, Summary, preprocess
-from pipelines.ray_exec import ray_connection, ray_executor
+from pipelines.ray_exec import ray_executor
 from pipelines.writer import OutputConflictError
 
 __all__ = ["PreprocessConfig", "main", "run"]
@@ -38,8 +38,7 @@ def run(config: PreprocessConfig) -> Summary:
     """Preprocess `config.input` into `config.output` on Ray; returns the run's summary."""
     config.require_paths()
     config = dataclasses.replace(config, s3=config.s3.resolved())  # creds for the workers
-    with ray_connection(config.execution):
-        return preprocess(config, executor=ray_executor(config))
+    return preprocess(config, executor=ray_executor(config))
 
 
 def _defaults(cls: type, prefix: str = "") -> list[str]:

@@ -174,8 +174,14 @@ def preprocess(config: PreprocessConfig, executor: Executor) -> Summary:
                 else:  # failed before any media work: recorded now
                     result = process_item([], items[i], timeout_s=1.0)
                     progress.update(result, assembler.add(result))
-        for result in executor(work):
-            progress.update(result, assembler.add(result))
+        results = executor(work)
+        try:
+            for result in results:
+                progress.update(result, assembler.add(result))
+        finally:
+            close = getattr(results, "close", None)
+            if close is not None:
+                close()
         if assembler.pending():
             raise RuntimeError(f"executor returned no result for shards {assembler.pending()[:10]}")
     finally:

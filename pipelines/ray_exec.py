@@ -1,10 +1,10 @@
 """The only Ray code of the pipeline: run the per-clip stages as a Ray Data streaming map.
 
-    with ray_connection(config.execution):
-        summary = preprocess(config, executor=ray_executor(config))
+    summary = preprocess(config, executor=ray_executor(config))
 
 Inputs become a dataset of JSON rows split into blocks of
-`execution.clips_per_task` clips; one `map` runs the whole stage chain per
+`execution.clips_per_task` clips; Ray is joined (or started) only when there
+is work, i.e. after the inputs were read and checked. One `map` runs the whole stage chain per
 row in Ray tasks declaring the chain's CPUs (tasks, not an actor pool, so
 nothing holds a CPU while idle and nothing starves: see FIELD-NOTES). The
 driver consumes results as they stream out and writes shards; Ray Data's
@@ -22,8 +22,6 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import ray
-
 from gram.config import ConfigError
 from pipelines.config import ExecutionConfig, PreprocessConfig
 from pipelines.inputs import InputItem
@@ -37,7 +35,13 @@ log = logging.getLogger("pipelines.ray")
 
 @contextlib.contextmanager
 def ray_connection(execution: ExecutionConfig) -> Iterator[None]:
-    """Join `execution.ray_address`, else $RAY_ADDRESS, else start a local Ray (stopped after)."""
+    """Join `execution.ray_address`, else $RAY_ADDRESS, else start a local Ray (stopped after).
+
+    Ray is imported here, not at module import: it reads its auth settings
+    (RAY_AUTH_MODE, token path) from the environment when first imported.
+    """
+    import ray
+
     if ray.is_initialized():
         yield
         return
@@ -59,6 +63,8 @@ def _process_row(row: dict[str, Any], *, stages: list[Stage], timeout_s: float) 
 
 
 def _check_cpus(cpus_per_task: float) -> None:
+    import ray
+
     largest = max(
         (n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0
     )
@@ -76,18 +82,21 @@ def ray_executor(config: PreprocessConfig) -> Executor:
     fn = functools.partial(_process_row, stages=stages, timeout_s=config.execution.clip_timeout_s)
 
     def run(items: list[InputItem]) -> Iterator[ClipResult]:
-        if not items:
+        if not items:  # nothing to do: no Ray needed
             return
-        _check_cpus(cpus)
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = False
-        blocks = math.ceil(len(items) / config.execution.clips_per_task)
-        rows = [{"item": json.dumps(item.to_json())} for item in items]
-        ds = ray.data.from_items(rows, override_num_blocks=blocks)
-        ds = ds.map(fn, num_cpus=cpus)
-        for out in ds.iter_rows():
-            yield ClipResult(int(out["index"]), bytes(out["sample"]), json.loads(out["row"]))
+        with ray_connection(config.execution):
+            import ray
+
+            _check_cpus(cpus)
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ctx.execution_options.preserve_order = False
+            blocks = math.ceil(len(items) / config.execution.clips_per_task)
+            rows = [{"item": json.dumps(item.to_json())} for item in items]
+            ds = ray.data.from_items(rows, override_num_blocks=blocks)
+            ds = ds.map(fn, num_cpus=cpus)
+            for out in ds.iter_rows():
+                yield ClipResult(int(out["index"]), bytes(out["sample"]), json.loads(out["row"]))
 
     log.debug("stage chain %s, %.2f CPUs per task", [s.name for s in stages], cpus)
     return run
