@@ -171,7 +171,9 @@ class PreprocessConfig:
 
     def hashed(self) -> dict[str, Any]:
         """The settings that determine the shard bytes, plus the pipeline version."""
-        out = {k: to_dict(getattr(self, k)) for k in ("frames", "audio", "shards", "inputs")}
+        out: dict[str, Any] = {
+            k: to_dict(getattr(self, k)) for k in ("frames", "audio", "shards", "inputs")
+        }
         out["pipeline_version"] = PIPELINE_VERSION
         return out
 
@@ -182,7 +184,7 @@ class PreprocessConfig:
 
     def public(self) -> dict[str, Any]:
         """Every setting except credentials (for index.json, logs and summaries)."""
-        out = {
+        out: dict[str, Any] = {
             k: to_dict(getattr(self, k))
             for k in ("frames", "audio", "shards", "inputs", "execution")
         }

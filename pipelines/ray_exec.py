@@ -65,8 +65,9 @@ def _process_row(row: dict[str, Any], *, stages: list[Stage], timeout_s: float) 
 def _check_cpus(cpus_per_task: float) -> None:
     import ray
 
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
     largest = max(
-        (n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0
+        (n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("Alive")), default=0.0
     )
     if largest < cpus_per_task:
         raise ConfigError(
@@ -93,9 +94,8 @@ def ray_executor(config: PreprocessConfig) -> Executor:
             ctx.execution_options.preserve_order = False
             blocks = math.ceil(len(items) / config.execution.clips_per_task)
             rows = [{"item": json.dumps(item.to_json())} for item in items]
-            ds = ray.data.from_items(rows, override_num_blocks=blocks)
-            ds = ds.map(fn, num_cpus=cpus)
-            for out in ds.iter_rows():
+            source = ray.data.from_items(rows, override_num_blocks=blocks)
+            for out in source.map(fn, num_cpus=cpus).iter_rows():
                 yield ClipResult(int(out["index"]), bytes(out["sample"]), json.loads(out["row"]))
 
     log.debug("stage chain %s, %.2f CPUs per task", [s.name for s in stages], cpus)

@@ -27,9 +27,11 @@ def test_jsonl_rows_resolve_relative_paths_and_keep_every_caption(tmp_path):
     items = read_inputs(uri, InputsConfig())
     assert [i.video for i in items] == [str(tmp_path / "clips/a.mp4"), "/abs/b.mp4",
                                         "s3://bucket/c.mp4"]
-    assert items[0].captions == ("one", "two") and items[1].captions == ("single",)
+    assert items[0].captions == ("one", "two")
+    assert items[1].captions == ("single",)
     assert items[1].audio == str(tmp_path / "b.wav")
-    assert items[2].id == "c" and [i.line for i in items] == [1, 2, 3]
+    assert items[2].id == "c"
+    assert [i.line for i in items] == [1, 2, 3]
     assert all(i.reason is None for i in items)
 
 
@@ -76,7 +78,8 @@ def test_bad_rows_fail_with_a_reason_and_keep_their_line(tmp_path):
         json.dumps({"id": "long", "video": "d.mp4", "captions": ["x" * 100_000]}),
         json.dumps({"id": "nocap", "video": "e.mp4"}),
     ]
-    data = "\n".join(lines).encode() + b'\n{"id": "bytes", "video": "f.mp4", "captions": ["caf\xe9"]}\n'
+    latin1 = b'{"id": "bytes", "video": "f.mp4", "captions": ["caf\xe9"]}\n'
+    data = "\n".join(lines).encode() + b"\n" + latin1
     path.write_bytes(data)
     items = read_inputs(str(path), InputsConfig())
     assert [i.reason for i in items] == [None, "duplicate_id", "no_captions", "caption_too_long",
@@ -101,7 +104,8 @@ def test_awkward_ids_get_distinct_safe_keys(tmp_path):
                  [{"id": i, "video": f"v{n}.mp4", "captions": ["c"]} for n, i in enumerate(ids)])
     items = read_inputs(uri, InputsConfig())
     keys = [i.key for i in items]
-    assert len(set(keys)) == len(ids) and keys[1] == "a_b"
+    assert len(set(keys)) == len(ids)
+    assert keys[1] == "a_b"
     for key in keys:
         validate_key(key)
     assert [i.id for i in items] == ids  # the mapping id -> key is kept on every item

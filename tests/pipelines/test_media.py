@@ -37,14 +37,17 @@ def test_probe_and_decode_every_codec_and_container(media_dir, name):
     assert len(frames) == 8
     for jpg in frames:
         img = Image.open(io.BytesIO(jpg))
-        assert img.format == "JPEG" and img.size == (224, 224) and img.mode == "RGB"
+        assert img.format == "JPEG"
+        assert img.size == (224, 224)
+        assert img.mode == "RGB"
 
 
 def test_shell_metacharacters_in_file_names_are_plain_arguments(media_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     info = media.probe(str(media_dir[SHELL_NAME].path), timeout_s=30)
     pcm = media.extract_audio(str(media_dir[SHELL_NAME].path), num_samples=16_000, timeout_s=30)
-    assert info.has_audio and pcm.shape == (16_000,)
+    assert info.has_audio
+    assert pcm.shape == (16_000,)
     assert not (tmp_path / "pwned").exists()
 
 
@@ -52,7 +55,9 @@ def test_frame_times_are_segment_midpoints_inside_the_clip():
     assert media.frame_times(8.0, 4) == [1.0, 3.0, 5.0, 7.0]
     assert media.frame_times(4.0, 2, frames_per_segment=2) == [0.5, 1.5, 2.5, 3.5]
     short = media.frame_times(0.3, 8)
-    assert len(short) == 8 and max(short) < 0.3 and short == sorted(short)
+    assert len(short) == 8
+    assert max(short) < 0.3
+    assert short == sorted(short)
     with pytest.raises(ValueError, match="duration"):
         media.frame_times(0.0, 8)
 
@@ -67,10 +72,12 @@ def _halves(jpg):
 def test_rotation_metadata_is_applied_so_frames_are_upright(media_dir):
     up = media.probe(str(media_dir["upright.mp4"].path), timeout_s=30)
     rot = media.probe(str(media_dir["rotated90.mp4"].path), timeout_s=30)
-    assert up.rotation == 0 and rot.rotation in (90, 270)
+    assert up.rotation == 0
+    assert rot.rotation in (90, 270)
     assert (rot.width, rot.height) == (180, 320)  # displayed size
     left, right, top, bottom = _halves(_frames(media_dir["upright.mp4"].path, up)[0])
-    assert left[0] > 200 > left[2] and right[2] > 200 > right[0]  # red | blue side by side
+    assert left[0] > 200 > left[2]
+    assert right[2] > 200 > right[0]
     left, right, top, bottom = _halves(_frames(media_dir["rotated90.mp4"].path, rot)[0])
     assert abs(top[0] - bottom[0]) > 150  # turned: the halves are now above each other
     assert abs(left[0] - right[0]) < 50
@@ -87,14 +94,16 @@ def test_one_pass_and_seeking_decode_give_the_same_frames(media_dir):
 def test_clip_shorter_than_the_frame_count_repeats_frames(media_dir):
     info = media.probe(str(media_dir["short.mp4"].path), timeout_s=30)  # 3 frames at 10 fps
     frames = _frames(media_dir["short.mp4"].path, info)
-    assert len(frames) == 8 and len(set(frames)) == 3
+    assert len(frames) == 8
+    assert len(set(frames)) == 3
 
 
 def test_long_clip_seeks_to_sampled_frames_only(media_dir):
     info = media.probe(str(media_dir["long.mp4"].path), timeout_s=30)
     assert info.duration == pytest.approx(90.0, abs=0.5)
     frames = _frames(media_dir["long.mp4"].path, info, seek_above_s=60.0)
-    assert len(frames) == 8 and len(set(frames)) == 8  # testsrc2 changes every frame
+    assert len(frames) == 8
+    assert len(set(frames)) == 8
 
 
 def test_4k_clip_decodes_without_blowing_memory(media_dir):
@@ -113,18 +122,21 @@ def test_audio_is_16k_mono_and_exactly_as_long_as_asked(media_dir, name):
     info = media.probe(str(fx.path), timeout_s=30)
     n = media.audio_length(info.duration, 10.0)
     pcm = media.extract_audio(str(fx.path), num_samples=n, timeout_s=30)
-    assert pcm.dtype == np.int16 and pcm.shape == (n,)
+    assert pcm.dtype == np.int16
+    assert pcm.shape == (n,)
     assert np.abs(pcm[: n // 2].astype(float)).mean() > 1000  # a 440 Hz tone, not silence
     cut = media.extract_audio(str(fx.path), num_samples=4000, timeout_s=30)
     assert cut.shape == (4000,)
     padded = media.extract_audio(str(fx.path), num_samples=n + 8000, timeout_s=30)
-    assert padded.shape == (n + 8000,) and not padded[-4000:].any()
+    assert padded.shape == (n + 8000,)
+    assert not padded[-4000:].any()
 
 
 def test_flac_round_trip_is_lossless():
     pcm = (np.sin(np.arange(16_000) / 5.0) * 20_000).astype(np.int16)
     data, rate = soundfile.read(io.BytesIO(media.encode_flac(pcm)), dtype="int16")
-    assert rate == SAMPLE_RATE and np.array_equal(data, pcm)
+    assert rate == SAMPLE_RATE
+    assert np.array_equal(data, pcm)
     assert media.encode_flac(pcm) == media.encode_flac(pcm)  # deterministic bytes
 
 
@@ -137,7 +149,8 @@ def test_flac_round_trip_is_lossless():
 def test_bad_files_get_a_clear_reason(media_dir, name, reason):
     with pytest.raises(MediaError) as err:
         media.probe(str(media_dir[name].path), timeout_s=30)
-    assert err.value.reason == reason and err.value.message
+    assert err.value.reason == reason
+    assert err.value.message
 
 
 def test_timeout_kills_the_process_and_its_children(tmp_path):

@@ -192,8 +192,8 @@ def test_s3_end_to_end(ray_session, s3_server, media_dir, tmp_path):
     assert summary.ok == len(GOOD) + 1
     root = _local_copy(output, s3, tmp_path / "copy")
     _check_output(root, local_inputs, media_dir)
-    missing = [m for m in pq.read_table(root / "manifest.parquet").to_pylist()
-               if m["id"] == "missing"][0]
+    missing = next(m for m in pq.read_table(root / "manifest.parquet").to_pylist()
+               if m["id"] == "missing")
     assert "s3://e2e/raw/does-not-exist.mp4" in missing["error"]
 
     import ray

@@ -40,7 +40,7 @@ def test_put_read_list_delete_round_trip(root, tmp_path):
 def test_missing_object_names_it(root):
     base, s3 = root
     missing = storage.join(base, "nope/missing.mp4")
-    with pytest.raises(StorageNotFoundError, match="missing.mp4"):
+    with pytest.raises(StorageNotFoundError, match=r"missing\.mp4"):
         storage.read_bytes(missing, s3=s3)
 
 
@@ -53,7 +53,8 @@ def test_local_atomic_write_leaves_no_partial_file(tmp_path):
 
     with pytest.raises(RuntimeError):
         storage._local_atomic_write(target, boom)
-    assert not target.exists() and list((tmp_path / "out").iterdir()) == []
+    assert not target.exists()
+    assert list((tmp_path / "out").iterdir()) == []
     (tmp_path / "out" / ".shard.tar.tmp-dead").write_bytes(b"left by a SIGKILL")
     assert storage.remove_stale_temp_files(str(tmp_path / "out")) == 1
 
@@ -63,7 +64,8 @@ def test_unreachable_endpoint_retries_then_names_the_object():
                    secret_access_key="s", max_attempts=3, backoff_s=0.01)
     with pytest.raises(StorageError, match=r"s3://bucket/key\.tar failed after 3 attempt") as err:
         storage.read_bytes("s3://bucket/key.tar", s3=cfg)
-    assert "secret" not in repr(cfg) and "access_key" not in repr(cfg)  # repr hides secrets
+    assert "secret" not in repr(cfg)
+    assert "access_key" not in repr(cfg)
     assert "'s'" not in str(err.value)
 
 
