@@ -24,6 +24,7 @@ import math
 import os
 import signal
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,9 +36,11 @@ from PIL import Image
 from gram.schema import SAMPLE_RATE
 
 __all__ = [
+    "Decoded",
     "MediaError",
     "ProbeInfo",
     "audio_length",
+    "decode_clip",
     "encode_flac",
     "encode_jpeg",
     "extract_audio",
@@ -279,6 +282,15 @@ def frame_times(duration: float, num_segments: int, frames_per_segment: int = 1)
     ]
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """What one ffmpeg run produced: JPEG frames in order, and audio if it was asked for."""
+
+    frames: list[bytes]
+    pcm: np.ndarray | None
+    """16 kHz mono int16, shape [audio_samples]; None when no audio was asked for."""
+
+
 def extract_frames(
     path: str,
     times: list[float],
@@ -291,47 +303,100 @@ def extract_frames(
     duration: float = 0.0,
     fps: float = 0.0,
 ) -> list[bytes]:
-    """JPEG frames (RGB, `size` x `size`) shown at ascending `times` seconds, in order.
+    """JPEG frames only; see `decode_clip`."""
+    return decode_clip(
+        path,
+        times,
+        size=size,
+        quality=quality,
+        timeout_s=timeout_s,
+        threads=threads,
+        seek_above_s=seek_above_s,
+        duration=duration,
+        fps=fps,
+    ).frames
+
+
+def decode_clip(
+    path: str,
+    times: list[float],
+    *,
+    size: int = 224,
+    quality: int = 90,
+    timeout_s: float = 120.0,
+    threads: int = 1,
+    seek_above_s: float = 60.0,
+    duration: float = 0.0,
+    fps: float = 0.0,
+    audio_from: str | None = None,
+    audio_samples: int = 0,
+    workdir: str | None = None,
+) -> Decoded:
+    """JPEG frames (RGB, `size` x `size`) shown at ascending `times` seconds, and
+    optionally the audio of `audio_from` (the clip or a separate file), in one ffmpeg run.
 
     With the clip's `fps` known, the frame shown at t is the first one that
-    starts after t - 1/fps (without it: the first starting at or after t). The short side is
-    scaled to `size`, the centre cropped, rotation metadata applied (frames
-    come out upright); Pillow encodes the raw RGB at JPEG `quality` (1-95).
-    Clips up to `seek_above_s` seconds long (`duration`) are decoded in one
-    pass that stops after the last sampled frame (cheapest when keyframes are
-    sparse); longer ones seek to each time (`-ss` before `-i`), so only the
-    GOP around each frame is decoded. If the one-pass decode yields fewer
-    frames (several times inside one frame: very short clips), the seeking
-    decode is used. Raises MediaError `decode_failed` when frames are missing.
+    starts after t - 1/fps (without it: the first starting at or after t).
+    The short side is scaled to `size`, the centre cropped, rotation metadata
+    applied (frames come out upright); Pillow encodes the raw RGB at JPEG
+    `quality` (1-95). Clips up to `seek_above_s` seconds long (`duration`)
+    are decoded in one pass that stops after the last sampled frame
+    (cheapest when keyframes are sparse); longer ones seek to each time (`-ss`
+    before `-i`), so only the GOP around each frame is decoded. If the
+    one-pass decode yields fewer frames (several times inside one frame:
+    very short clips), the seeking decode is used. Audio is 16 kHz mono,
+    exactly `audio_samples` long (see `extract_audio`), written by the same
+    ffmpeg to a temp file in `workdir`. Raises MediaError `decode_failed`
+    when frames are missing.
     """
     if not times or any(b < a for a, b in itertools.pairwise(times)):
         raise ValueError(f"frame times must be a non-empty ascending list, got {times}")
     shift = 1.0 / fps - 1e-4 if fps > 0 else 0.0
     query = [round(max(0.0, t - shift), 6) for t in times]
     unique = sorted(set(query))  # equal times (very short clips) decode once
-    frames: list[bytes] | None = None
-    if 0 < duration <= seek_above_s:
-        frames = _decode_frames(
-            _one_pass_args(path, unique, size, threads),
-            len(unique),
-            size,
-            quality,
-            timeout_s,
-            allow_short=True,
+    with tempfile.TemporaryDirectory(prefix="gram-audio-", dir=workdir) as tmp:
+        audio = _AudioOut(audio_from, audio_samples, os.path.join(tmp, "audio.s16le"))
+        frames: list[bytes] | None = None
+        if 0 < duration <= seek_above_s:
+            args = _finish(
+                _one_pass(path, unique, size, threads), len(unique), audio, path, threads
+            )
+            frames = _decode_frames(args, len(unique), size, quality, timeout_s, allow_short=True)
+        if frames is None:
+            args = _finish(_seeking(path, unique, size, threads), len(unique), audio, None, threads)
+            frames = _decode_frames(args, len(unique), size, quality, timeout_s, allow_short=False)
+        if frames is None:  # pragma: no cover (allow_short=False raises instead)
+            raise MediaError("decode_failed", "no frames decoded")
+        by_time = dict(zip(unique, frames, strict=True))
+        return Decoded([by_time[q] for q in query], audio.read())
+
+
+@dataclass(frozen=True)
+class _AudioOut:
+    source: str | None
+    samples: int
+    file: str
+
+    def output(self, same_input: Any) -> Any:
+        inp = same_input if same_input is not None else ffmpeg.input(self.source)
+        seconds = self.samples / SAMPLE_RATE + 0.5  # a margin, then trim exactly
+        return inp["a:0"].output(
+            self.file, format="s16le", acodec="pcm_s16le", ac=1, ar=SAMPLE_RATE, t=f"{seconds:.3f}"
         )
-    if frames is None:
-        frames = _decode_frames(
-            _seek_args(path, unique, size, threads),
-            len(unique),
-            size,
-            quality,
-            timeout_s,
-            allow_short=False,
-        )
-    if frames is None:  # pragma: no cover (allow_short=False raises instead)
-        raise MediaError("decode_failed", "no frames decoded")
-    by_time = dict(zip(unique, frames, strict=True))
-    return [by_time[q] for q in query]
+
+    def read(self) -> np.ndarray | None:
+        if self.source is None:
+            return None
+        with open(self.file, "rb") as fh:
+            return _exact_length(fh.read(), self.samples)
+
+
+def _exact_length(raw: bytes, num_samples: int) -> np.ndarray:
+    pcm = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2")
+    out = np.zeros(num_samples, dtype=np.int16)  # [num_samples]
+    n = min(num_samples, pcm.shape[0])
+    out[:n] = pcm[:n]
+    return out
 
 
 def _resize_crop(stream: Any, size: int) -> Any:
@@ -341,35 +406,43 @@ def _resize_crop(stream: Any, size: int) -> Any:
     return stream.filter("crop", size, size).filter("setsar", 1)
 
 
-def _finish(stream: Any, count: int, threads: int) -> list[str]:
-    return list(
-        stream.output(
+def _finish(
+    graph: tuple[Any, Any], count: int, audio: _AudioOut, path: str | None, threads: int
+) -> list[str]:
+    video, inp = graph
+    outs = [
+        video.output(
             "pipe:",
             format="rawvideo",
             pix_fmt="rgb24",
             fps_mode="passthrough",
             **{"frames:v": count},
         )
+    ]
+    if audio.source is not None:
+        outs.append(audio.output(inp if audio.source == path else None))
+    return list(
+        ffmpeg.merge_outputs(*outs)
         .global_args("-nostdin", "-v", "error", "-filter_threads", str(threads))
-        .compile()
+        .compile(overwrite_output=True)  # the temp audio file of a first, too-short pass
     )
 
 
-def _one_pass_args(path: str, times: list[float], size: int, threads: int) -> list[str]:
+def _one_pass(path: str, times: list[float], size: int, threads: int) -> tuple[Any, Any]:
     # Select the first frame at/after each time: t >= T_k while the last selected frame is < T_k.
     terms = [f"gte(t,{times[0]:.6f})*isnan(prev_selected_t)"]
     terms += [f"gte(t,{t:.6f})*lt(prev_selected_t,{t:.6f})" for t in times[1:]]
-    stream = ffmpeg.input(path, threads=threads).video.filter("select", "+".join(terms))
-    return _finish(_resize_crop(stream, size), len(times), threads)
+    inp = ffmpeg.input(path, threads=threads)
+    return _resize_crop(inp.video.filter("select", "+".join(terms)), size), inp
 
 
-def _seek_args(path: str, times: list[float], size: int, threads: int) -> list[str]:
+def _seeking(path: str, times: list[float], size: int, threads: int) -> tuple[Any, Any]:
     branches = []
     for t in times:
         stream = ffmpeg.input(path, ss=f"{t:.6f}", threads=threads).video
         branches.append(_resize_crop(stream.trim(end_frame=1).setpts("PTS-STARTPTS"), size))
     joined = branches[0] if len(branches) == 1 else ffmpeg.concat(*branches, v=1, a=0)
-    return _finish(joined, len(times), threads)
+    return joined, None
 
 
 def _decode_frames(
@@ -379,7 +452,7 @@ def _decode_frames(
         raw = run_command(args, timeout_s=timeout_s)
     except MediaError as exc:
         if exc.reason == "ffmpeg_failed":
-            raise MediaError("decode_failed", f"frames: {exc.message}") from None
+            raise MediaError("decode_failed", exc.message) from None
         raise
     frame_bytes = size * size * 3
     got = len(raw) // frame_bytes
@@ -436,11 +509,7 @@ def extract_audio(path: str, *, num_samples: int, timeout_s: float = 120.0) -> n
         if exc.reason == "ffmpeg_failed":
             raise MediaError("decode_failed", f"audio: {exc.message}") from None
         raise
-    pcm = np.frombuffer(raw[: len(raw) // 2 * 2], dtype="<i2")
-    out = np.zeros(num_samples, dtype=np.int16)  # [num_samples]
-    n = min(num_samples, pcm.shape[0])
-    out[:n] = pcm[:n]
-    return out
+    return _exact_length(raw, num_samples)
 
 
 def encode_flac(pcm: np.ndarray) -> bytes:

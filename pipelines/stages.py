@@ -3,7 +3,7 @@
     stages = build_stages(config)
     result = process_item(stages, item, timeout_s=300)   # never raises for a bad clip
 
-A `ClipTask` flows through Fetch -> Probe -> Frames -> Audio -> Pack. A stage
+A `ClipTask` flows through Fetch -> Probe -> Decode -> Pack. A stage
 that fails raises `MediaError`/`StorageError`; `process_item` records the
 reason on the result (a failed manifest row) and skips the rest, so one
 corrupt clip never stops a run. No stage imports Ray: `ray_exec` runs the
@@ -31,11 +31,10 @@ from pipelines.shards import json_bytes, sample_bytes
 from pipelines.storage import S3Config, StorageError, StorageNotFoundError
 
 __all__ = [
-    "AudioStage",
     "ClipResult",
     "ClipTask",
+    "DecodeStage",
     "FetchStage",
-    "FramesStage",
     "PackStage",
     "ProbeStage",
     "Resources",
@@ -137,20 +136,28 @@ class ProbeStage:
 
 
 @dataclass
-class FramesStage:
-    """Decode the sampled frames as JPEGs."""
+class DecodeStage:
+    """Decode the sampled frames (JPEG) and the audio (16 kHz mono FLAC of exactly
+    min(duration, max_seconds)) in one ffmpeg process per clip."""
 
     size: int
     jpeg_quality: int
     seek_above_s: float
+    max_seconds: float
     threads: int = 1
-    name: str = "frames"
+    name: str = "decode"
     resources: Resources = Resources(cpus=1.0)
 
     def process(self, task: ClipTask) -> None:
-        """Set `frames`."""
+        """Set `frames`, and `has_audio`, `audio_samples`, `flac` when there is audio."""
         info = _need_info(task)
-        task.frames = media.extract_frames(
+        source: str | None = task.video_path if info.has_audio else None
+        if task.audio_path:
+            if not media.has_audio_stream(task.audio_path, timeout_s=task.remaining()):
+                raise MediaError("no_audio", f"{task.item.audio} has no audio stream")
+            source = task.audio_path
+        samples = media.audio_length(info.duration, self.max_seconds) if source else 0
+        out = media.decode_clip(
             task.video_path,
             task.times,
             size=self.size,
@@ -160,33 +167,15 @@ class FramesStage:
             seek_above_s=self.seek_above_s,
             duration=info.duration,
             fps=info.fps,
+            audio_from=source,
+            audio_samples=samples,
+            workdir=str(task.workdir),
         )
-
-
-@dataclass
-class AudioStage:
-    """Decode audio to 16 kHz mono FLAC of exactly min(duration, max_seconds)."""
-
-    max_seconds: float
-    name: str = "audio"
-    resources: Resources = Resources(cpus=1.0)
-
-    def process(self, task: ClipTask) -> None:
-        """Set `has_audio`, `audio_samples` and `flac` (empty without an audio track)."""
-        info = _need_info(task)
-        source = task.video_path
-        if task.audio_path:
-            if not media.has_audio_stream(task.audio_path, timeout_s=task.remaining()):
-                raise MediaError("no_audio", f"{task.item.audio} has no audio stream")
-            source = task.audio_path
-        elif not info.has_audio:
-            return
-        task.audio_samples = media.audio_length(info.duration, self.max_seconds)
-        pcm = media.extract_audio(
-            source, num_samples=task.audio_samples, timeout_s=task.remaining()
-        )
-        task.flac = media.encode_flac(pcm)
-        task.has_audio = True
+        task.frames = out.frames
+        if out.pcm is not None:
+            task.flac = media.encode_flac(out.pcm)
+            task.audio_samples = samples
+            task.has_audio = True
 
 
 @dataclass
@@ -240,13 +229,13 @@ def build_stages(config: PreprocessConfig) -> list[Stage]:
     return [
         FetchStage(s3=config.s3),
         ProbeStage(num_segments=f.num_segments, frames_per_segment=f.frames_per_segment),
-        FramesStage(
+        DecodeStage(
             size=f.size,
             jpeg_quality=f.jpeg_quality,
             seek_above_s=f.seek_above_s,
+            max_seconds=config.audio.max_seconds,
             threads=config.execution.ffmpeg_threads,
         ),
-        AudioStage(max_seconds=config.audio.max_seconds),
         PackStage(
             config_hash=config.hash(),
             num_segments=f.num_segments,

@@ -178,3 +178,18 @@ def test_ffprobe_hanging_on_a_fifo_is_killed(tmp_path):
     with pytest.raises(MediaError) as err:
         media.probe(str(fifo), timeout_s=1.0)
     assert err.value.reason == "timeout"
+
+
+@pytest.mark.parametrize("seek_above_s", [1e9, 0.0])
+def test_one_ffmpeg_run_gives_the_same_frames_and_audio_as_separate_runs(
+    media_dir, tmp_path, seek_above_s
+):
+    path = str(media_dir["h264_aac.mp4"].path)
+    info = media.probe(path, timeout_s=30)
+    times = media.frame_times(info.duration, 8)
+    n = media.audio_length(info.duration, 10.0)
+    both = media.decode_clip(path, times, duration=info.duration, fps=info.fps, audio_from=path,
+                             audio_samples=n, seek_above_s=seek_above_s, workdir=str(tmp_path))
+    assert both.frames == _frames(media_dir["h264_aac.mp4"].path, info, seek_above_s=seek_above_s)
+    assert np.array_equal(both.pcm, media.extract_audio(path, num_samples=n, timeout_s=30))
+    assert list(tmp_path.iterdir()) == []  # the temp audio file is gone
