@@ -18,6 +18,7 @@ Results print as a table and go to results/bench_preprocess.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -57,16 +58,27 @@ def make_set(folder: Path, spec: ClipSpec, files: int, rows: int) -> Path:
     with mp.Pool(os.cpu_count()) as pool:
         pool.map(_make, [(spec, p) for p in paths])
     manifest = folder / f"manifest_{rows}.jsonl"
-    write_jsonl(({"id": f"row_{i:05d}", "video": Path(paths[i % files]).name,
-                  "captions": [f"clip {i}"]} for i in range(rows)), manifest)
+    write_jsonl(
+        (
+            {"id": f"row_{i:05d}", "video": Path(paths[i % files]).name, "captions": [f"clip {i}"]}
+            for i in range(rows)
+        ),
+        manifest,
+    )
     return manifest
 
 
 def repeat_manifest(source: Path, times: int, dest: Path) -> Path:
     """The rows of `source` repeated `times` times with distinct ids (absolute paths)."""
     rows = [json.loads(line) for line in source.read_text().splitlines() if line.strip()]
-    write_jsonl(({**r, "id": f"{r['id']}_{k}", "video": str(source.parent / r["video"])}
-                 for k in range(times) for r in rows), dest)
+    write_jsonl(
+        (
+            {**r, "id": f"{r['id']}_{k}", "video": str(source.parent / r["video"])}
+            for k in range(times)
+            for r in rows
+        ),
+        dest,
+    )
     return dest
 
 
@@ -86,8 +98,12 @@ def bound(manifest: Path, procs: int) -> dict:
     with mp.Pool(procs, initializer=_init_bound) as pool:
         statuses = list(pool.imap_unordered(_bound_one, items, chunksize=1))
     seconds = time.perf_counter() - start
-    return {"clips": len(items), "ok": statuses.count("ok"), "seconds": seconds,
-            "clips_per_s": len(items) / seconds}
+    return {
+        "clips": len(items),
+        "ok": statuses.count("ok"),
+        "seconds": seconds,
+        "clips_per_s": len(items) / seconds,
+    }
 
 
 class PeakRss:
@@ -103,10 +119,8 @@ class PeakRss:
         while not self._stop.is_set():
             total = 0
             for p in [self.me, *self.me.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
-                except psutil.Error:
-                    pass
             self.driver = max(self.driver, self.me.memory_info().rss)
             self.tree = max(self.tree, total)
             time.sleep(0.2)
@@ -129,8 +143,12 @@ def child(args: argparse.Namespace) -> None:
 
     os.environ.pop("RAY_ADDRESS", None)
     with PeakRss() as rss:
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(
+            num_cpus=args.cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
         tmp = Path(tempfile.mkdtemp(prefix="gram-bench-"))
         if args.warmup:
             cfg = PreprocessConfig(input=args.warmup, output=str(tmp / "warmup"))
@@ -141,10 +159,19 @@ def child(args: argparse.Namespace) -> None:
         summary = preprocess(cfg, ray_executor(cfg))
         seconds = time.perf_counter() - start
         ray.shutdown()
-    print(json.dumps({"clips": summary.inputs, "ok": summary.ok, "seconds": seconds,
-                      "clips_per_s": summary.inputs / seconds, "bytes": summary.bytes_written,
-                      "peak_driver_rss_mb": rss.driver / 2**20,
-                      "peak_tree_rss_mb": rss.tree / 2**20}))
+    print(
+        json.dumps(
+            {
+                "clips": summary.inputs,
+                "ok": summary.ok,
+                "seconds": seconds,
+                "clips_per_s": summary.inputs / seconds,
+                "bytes": summary.bytes_written,
+                "peak_driver_rss_mb": rss.driver / 2**20,
+                "peak_tree_rss_mb": rss.tree / 2**20,
+            }
+        )
+    )
 
 
 def pipeline(manifest: Path, cpus: int, warmup: Path | None) -> dict:
@@ -203,8 +230,9 @@ def main() -> None:
         return results[a]["clips_per_s"] / results[b]["clips_per_s"]
 
     lines = [
-        f"generated {n_main} x 5 s 640x360 h264+aac: bound {results['bound_generated']['clips_per_s']:.2f}"
-        f" clips/s, pipeline {results['pipeline_generated']['clips_per_s']:.2f} clips/s "
+        f"generated {n_main} x 5 s 640x360 h264+aac: bound "
+        f"{results['bound_generated']['clips_per_s']:.2f} clips/s, pipeline "
+        f"{results['pipeline_generated']['clips_per_s']:.2f} clips/s "
         f"-> ratio {ratio('pipeline_generated', 'bound_generated'):.2f} "
         f"(cold, incl. Ray start: {results['pipeline_generated_cold']['clips_per_s']:.2f})",
         f"scaling: 1 CPU {results['pipeline_generated_1cpu']['clips_per_s']:.2f} clips/s, "
@@ -219,11 +247,15 @@ def main() -> None:
         )
     for key, n in (("memory_small", n_small), ("memory_large", n_large)):
         r = results[key]
-        lines.append(f"memory, {n} inputs: peak driver RSS {r['peak_driver_rss_mb']:.0f} MB, "
-                     f"peak process-tree RSS {r['peak_tree_rss_mb']:.0f} MB "
-                     f"({r['clips_per_s']:.1f} clips/s)")
-    lines.append(f"load average start/end: {results['machine']['load_avg_at_start']} / "
-                 f"{results['machine']['load_avg_at_end']}")
+        lines.append(
+            f"memory, {n} inputs: peak driver RSS {r['peak_driver_rss_mb']:.0f} MB, "
+            f"peak process-tree RSS {r['peak_tree_rss_mb']:.0f} MB "
+            f"({r['clips_per_s']:.1f} clips/s)"
+        )
+    lines.append(
+        f"load average start/end: {results['machine']['load_avg_at_start']} / "
+        f"{results['machine']['load_avg_at_end']}"
+    )
     print("\n".join(lines))
     out = REPO / "results" / "bench_preprocess.json"
     out.parent.mkdir(parents=True, exist_ok=True)

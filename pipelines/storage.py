@@ -25,11 +25,12 @@ import os
 import random
 import shutil
 import time
+import typing
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 
 from gram.config import ConfigError
 
@@ -44,6 +45,7 @@ __all__ = [
     "is_s3",
     "join",
     "list_files",
+    "open_read",
     "parent",
     "put_bytes",
     "put_file",
@@ -340,6 +342,23 @@ def read_bytes(uri: str, *, s3: S3Config | None = None) -> bytes:
             body.close()
 
     return _with_retries(cfg, "read", uri, get)
+
+
+def open_read(uri: str, *, s3: S3Config | None = None) -> BinaryIO:
+    """A streaming binary reader (`read(n)`, close when done): e.g. for
+    `tarfile.open(fileobj=open_read(uri), mode="r|")` over a shard without a local copy.
+    Only opening is retried; a failure while streaming raises to the reader."""
+    if not is_s3(uri):
+        try:
+            return _local(uri).open("rb")
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"open {uri}: no such file") from None
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+    body = _with_retries(
+        cfg, "open", uri, lambda: _client(cfg).get_object(Bucket=bucket, Key=key)["Body"]
+    )
+    return typing.cast(BinaryIO, body)
 
 
 def download(uri: str, dest: str | Path, *, s3: S3Config | None = None) -> Path:

@@ -17,6 +17,7 @@ import io
 import json
 import shutil
 import tempfile
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,8 @@ __all__ = [
     "ShardState",
     "check_run_file",
     "load_states",
+    "read_index",
+    "shard_uris",
     "state_uri",
     "write_index",
     "write_manifest",
@@ -268,6 +271,18 @@ def write_manifest(output: str, rows: Iterable[dict[str, Any]], *, s3: S3Config 
     uri = storage.join(output, MANIFEST_FILE)
     storage.put_bytes(uri, buf.getvalue(), s3=s3)
     return uri
+
+
+def read_index(output: str, *, s3: S3Config | None = None) -> dict[str, Any]:
+    """The `index.json` of a finished output (raises StorageNotFoundError if unfinished)."""
+    return typing.cast(
+        dict[str, Any], json.loads(storage.read_bytes(storage.join(output, INDEX_FILE), s3=s3))
+    )
+
+
+def shard_uris(output: str, *, s3: S3Config | None = None) -> list[str]:
+    """Full URIs of every shard of a finished output, in order (from its index.json)."""
+    return [storage.join(output, s["name"]) for s in read_index(output, s3=s3)["shards"]]
 
 
 def write_index(output: str, index: dict[str, Any], *, s3: S3Config | None) -> str:

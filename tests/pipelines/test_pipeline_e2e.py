@@ -12,6 +12,7 @@ import io
 import json
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,12 @@ import webdataset as wds
 from PIL import Image
 
 from gram.schema import ClipMeta, frame_suffix, validate_key
-from jobs.preprocess import run
+from jobs.preprocess import main, run
 from pipelines import storage
 from pipelines.config import PreprocessConfig
 from pipelines.preprocess import FailureRateError
 from pipelines.storage import S3Config
+from pipelines.writer import shard_uris
 from tests.pipelines.conftest import SHELL_NAME
 
 pytestmark = pytest.mark.slow
@@ -250,3 +252,42 @@ def test_rerun_with_another_config_is_refused(ray_session, media_dir, tmp_path):
 
     with pytest.raises(OutputConflictError, match=r"frames\.size: was 224, now 112"):
         run(other)
+
+
+def test_s3_prefix_of_real_clips_read_back_by_streaming(ray_session, s3_server, shared_data,
+                                                        tmp_path):
+    """A prefix of videos plus captions.jsonl keyed by stem, as users keep them in MinIO/S3."""
+    bucket = s3_server.make_bucket("prefix")
+    s3 = S3Config().resolved()
+    for path in sorted((shared_data / "media").iterdir()):
+        storage.put_file(f"s3://{bucket}/videos/{path.name}", path, s3=s3)
+    output = f"s3://{bucket}/shards"
+    summary = run(_config(f"s3://{bucket}/videos/", output))
+    assert (summary.inputs, summary.ok) == (6, 6)
+    keys = []
+    for uri in shard_uris(output, s3=s3):  # what a training job does: no local copy
+        stream = storage.open_read(uri, s3=s3)
+        with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            keys += [m.name.split(".", 1)[0] for m in tar if m.name.endswith(".json")
+                     and not m.name.endswith(".captions.json")]
+    assert sorted(keys) == sorted(["video9770", "video9771", "chaplin", "fire2",
+                                   "big_buck_bunny_0_30", "ucf101_sample"])
+
+
+def test_secrets_never_reach_logs_or_outputs(ray_session, media_dir, tmp_path, capfd):
+    sentinel_key, sentinel_secret = "AKIASENTINEL0KEY0ID", "sentinel/secret+value/0123456789"
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copyfile(media_dir["short.mp4"].path, folder / "a.mp4")
+    (folder / "m.jsonl").write_text(json.dumps({"id": "a", "video": "a.mp4", "captions": ["x"]}))
+    out = tmp_path / "out"
+    code = main(["--input", str(folder / "m.jsonl"), "--output", str(out),
+                 f"s3.access_key_id={sentinel_key}", f"s3.secret_access_key={sentinel_secret}",
+                 "execution.progress_interval_s=0.1"])
+    assert code == 0
+    captured = capfd.readouterr()
+    texts = [captured.out, captured.err]
+    texts += [p.read_bytes().decode("utf-8", "replace") for p in out.rglob("*") if p.is_file()]
+    for text in texts:
+        assert sentinel_key not in text
+        assert sentinel_secret not in text
