@@ -20,7 +20,6 @@ import logging
 import sys
 import typing
 from collections.abc import Sequence
-from typing import Any
 
 from gram.config import ConfigError, load_config
 from pipelines.config import PreprocessConfig
@@ -31,11 +30,13 @@ from pipelines.writer import OutputConflictError
 
 __all__ = ["PreprocessConfig", "main", "run"]
 
-log = logging.getLogger("jobs.preprocess")
-
 
 def run(config: PreprocessConfig) -> Summary:
-    """Preprocess `config.input` into `config.output` on Ray; returns the run's summary."""
+    """Preprocess `config.input` into `config.output` on Ray; returns the run's summary.
+
+    Joins `execution.ray_address` or $RAY_ADDRESS, else starts a local Ray,
+    only once the inputs are read and checked and there is work left.
+    """
     config.require_paths()
     config = dataclasses.replace(config, s3=config.s3.resolved())  # creds for the workers
     return preprocess(config, executor=ray_executor(config))
@@ -50,20 +51,15 @@ def _defaults(cls: type, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(hints[f.name]):
             lines += _defaults(hints[f.name], f"{key}.")
             continue
-        if (
-            f.name in ("input", "output")
-            or "secret" in f.name
-            or "key_id" in f.name
-            or "token" in f.name
-        ):
-            default: Any = "(required)" if f.name in ("input", "output") else "(AWS chain)"
+        if not f.repr:  # credentials: never shown
+            text = "(AWS chain: environment, ~/.aws, instance role)"
+        elif f.name in ("input", "output"):
+            text = "(required)"
         elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
+            text = json.dumps(f.default_factory())
         else:
-            default = f.default
-        lines.append(
-            f"  {key} = {json.dumps(default) if not isinstance(default, str) else default}"
-        )
+            text = json.dumps(f.default)
+        lines.append(f"  {key} = {text}")
     return lines
 
 

@@ -92,6 +92,10 @@ def ray_executor(config: PreprocessConfig) -> Executor:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
             ctx.execution_options.preserve_order = False
+            # Measured on Ray 2.60, 2 CPUs: with per-operator resource reservation on, this
+            # single map ran one task at a time (mean concurrency 0.96 vs 1.90 without).
+            # Reservation protects operators from each other; there is only one here.
+            ctx.op_resource_reservation_enabled = False
             blocks = math.ceil(len(items) / config.execution.clips_per_task)
             rows = [{"item": json.dumps(item.to_json())} for item in items]
             source = ray.data.from_items(rows, override_num_blocks=blocks)

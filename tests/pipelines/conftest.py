@@ -10,9 +10,7 @@ import pytest
 
 from pipelines.synthetic import ClipSpec, make_broken, make_clip
 
-SPLIT_VIDEO = (
-    "color=c=red:size={w}x{h}:rate={fps},drawbox=x=iw/2:y=0:w=iw/2:h=ih:color=blue:t=fill"
-)
+SPLIT_VIDEO = "color=c=red:size={w}x{h}:rate={fps},drawbox=x=iw/2:y=0:w=iw/2:h=ih:color=blue:t=fill"
 """Left half red, right half blue: shows which way a frame was turned."""
 
 SHELL_NAME = "weird name; $(touch pwned) `id` 'q' & |.mp4"
@@ -30,16 +28,33 @@ def _specs() -> dict[str, ClipSpec]:
     return {
         "h264_aac.mp4": ClipSpec(duration=2.0, audio_channels=2),
         "h264_noaudio.mp4": ClipSpec(duration=1.5, audio_codec=None, width=256, height=144),
-        "vp9_opus.webm": ClipSpec(video_codec="vp9", audio_codec="opus", container="webm",
-                                  duration=1.0, audio_channels=1, sample_rate=48_000),
-        "mpeg4_mp3.avi": ClipSpec(video_codec="mpeg4", audio_codec="mp3", container="avi",
-                                  duration=1.2, fps=15),
-        "vp8_vorbis.mkv": ClipSpec(video_codec="vp8", audio_codec="vorbis", container="mkv",
-                                   duration=1.0, fps=30),
-        "rotated90.mp4": ClipSpec(duration=1.0, rotation=90, width=320, height=180,
-                                  video_source=SPLIT_VIDEO.format(w=320, h=180, fps=25)),
-        "upright.mp4": ClipSpec(duration=1.0, width=320, height=180,
-                                video_source=SPLIT_VIDEO.format(w=320, h=180, fps=25)),
+        "vp9_opus.webm": ClipSpec(
+            video_codec="vp9",
+            audio_codec="opus",
+            container="webm",
+            duration=1.0,
+            audio_channels=1,
+            sample_rate=48_000,
+        ),
+        "mpeg4_mp3.avi": ClipSpec(
+            video_codec="mpeg4", audio_codec="mp3", container="avi", duration=1.2, fps=15
+        ),
+        "vp8_vorbis.mkv": ClipSpec(
+            video_codec="vp8", audio_codec="vorbis", container="mkv", duration=1.0, fps=30
+        ),
+        "rotated90.mp4": ClipSpec(
+            duration=1.0,
+            rotation=90,
+            width=320,
+            height=180,
+            video_source=SPLIT_VIDEO.format(w=320, h=180, fps=25),
+        ),
+        "upright.mp4": ClipSpec(
+            duration=1.0,
+            width=320,
+            height=180,
+            video_source=SPLIT_VIDEO.format(w=320, h=180, fps=25),
+        ),
         "vfr.mp4": ClipSpec(duration=3.0, variable_fps=True),
         "short.mp4": ClipSpec(duration=0.3, fps=10, width=160, height=120),
         "long.mp4": ClipSpec(duration=90.0, fps=5, width=64, height=48, audio_codec=None),
@@ -61,7 +76,5 @@ def media_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Fixture]:
     shutil.copyfile(out["h264_aac.mp4"].path, out[SHELL_NAME].path)
     for kind in ("empty", "truncated", "text", "image", "audio_only"):
         name = f"broken_{kind}.mp4"
-        out[name] = Fixture(
-            make_broken(kind, root / name, source=out["h264_aac.mp4"].path), None  # type: ignore[arg-type]
-        )
+        out[name] = Fixture(make_broken(kind, root / name, source=out["h264_aac.mp4"].path), None)
     return out

@@ -23,11 +23,24 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_help_shows_the_real_defaults():
-    out = subprocess.run([sys.executable, "-m", "jobs.preprocess", "--help"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
-    for line in ("--input", "--output", "--config", "frames.num_segments = 8",
-                 "frames.size = 224", "audio.max_seconds = 10.0",
-                 "execution.max_failure_rate = 0.5", "s3.secret_access_key = (AWS chain)"):
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.preprocess", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for line in (
+        "--input",
+        "--output",
+        "--config",
+        "frames.num_segments = 8",
+        "frames.size = 224",
+        "audio.max_seconds = 10.0",
+        'shards.prefix = "shard"',
+        "execution.max_failure_rate = 0.5",
+        "s3.secret_access_key = (AWS chain",
+    ):
         assert line in out
 
 
@@ -38,11 +51,13 @@ def test_example_config_loads_and_matches_the_defaults():
 
 @pytest.mark.parametrize(
     ("override", "match"),
-    [("frames.num_segmnts=4", r"frames\.'num_segmnts'.*did you mean 'num_segments'"),
-     ("frames.size=big", r"frames\.size: expected an integer"),
-     ("frames.jpeg_quality=0", r"frames\.jpeg_quality: must be in \[1, 95\]"),
-     ("execution.max_failure_rate=2", r"execution\.max_failure_rate"),
-     ("inputs.duplicate_ids=ignore", r"inputs\.duplicate_ids: must be one of")],
+    [
+        ("frames.num_segmnts=4", r"frames\.'num_segmnts'.*did you mean 'num_segments'"),
+        ("frames.size=big", r"frames\.size: expected an integer"),
+        ("frames.jpeg_quality=0", r"frames\.jpeg_quality: must be in \[1, 95\]"),
+        ("execution.max_failure_rate=2", r"execution\.max_failure_rate"),
+        ("inputs.duplicate_ids=ignore", r"inputs\.duplicate_ids: must be one of"),
+    ],
 )
 def test_malformed_config_names_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -64,8 +79,15 @@ def test_bad_config_or_manifest_exits_2_before_any_work(tmp_path, capsys):
 
 def test_per_clip_timeout_fails_the_clip_not_the_run(media_dir):
     cfg = PreprocessConfig()
-    item = InputItem(index=0, line=1, id="slow", key="slow",
-                     video=str(media_dir["long.mp4"].path), audio=None, captions=("x",))
+    item = InputItem(
+        index=0,
+        line=1,
+        id="slow",
+        key="slow",
+        video=str(media_dir["long.mp4"].path),
+        audio=None,
+        captions=("x",),
+    )
     result = process_item(build_stages(cfg), item, timeout_s=0.05)
     assert result.row["status"] == "failed"
     assert result.row["reason"] == "timeout"
@@ -73,8 +95,10 @@ def test_per_clip_timeout_fails_the_clip_not_the_run(media_dir):
 
 
 def test_serial_run_writes_the_same_shards_as_its_rerun(media_dir, tmp_path):
-    rows = [{"id": f"c{n}", "video": str(media_dir[name].path), "captions": [name]}
-            for n, name in enumerate(["h264_aac.mp4", "short.mp4", "broken_text.mp4"])]
+    rows = [
+        {"id": f"c{n}", "video": str(media_dir[name].path), "captions": [name]}
+        for n, name in enumerate(["h264_aac.mp4", "short.mp4", "broken_text.mp4"])
+    ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = PreprocessConfig(input=str(tmp_path / "m.jsonl"), output=str(tmp_path / "a"))
     cfg.shards.samples_per_shard = 2

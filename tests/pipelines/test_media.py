@@ -24,8 +24,17 @@ def _frames(path, info, **kw):
 
 
 @pytest.mark.parametrize(
-    "name", ["h264_aac.mp4", "h264_noaudio.mp4", "vp9_opus.webm", "mpeg4_mp3.avi",
-             "vp8_vorbis.mkv", "vfr.mp4", "tall.mp4", SHELL_NAME]
+    "name",
+    [
+        "h264_aac.mp4",
+        "h264_noaudio.mp4",
+        "vp9_opus.webm",
+        "mpeg4_mp3.avi",
+        "vp8_vorbis.mkv",
+        "vfr.mp4",
+        "tall.mp4",
+        SHELL_NAME,
+    ],
 )
 def test_probe_and_decode_every_codec_and_container(media_dir, name):
     fx = media_dir[name]
@@ -115,8 +124,9 @@ def test_4k_clip_decodes_without_blowing_memory(media_dir):
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000
 
 
-@pytest.mark.parametrize("name", ["h264_aac.mp4", "vp9_opus.webm", "mpeg4_mp3.avi",
-                                  "vp8_vorbis.mkv"])
+@pytest.mark.parametrize(
+    "name", ["h264_aac.mp4", "vp9_opus.webm", "mpeg4_mp3.avi", "vp8_vorbis.mkv"]
+)
 def test_audio_is_16k_mono_and_exactly_as_long_as_asked(media_dir, name):
     fx = media_dir[name]
     info = media.probe(str(fx.path), timeout_s=30)
@@ -142,9 +152,13 @@ def test_flac_round_trip_is_lossless():
 
 @pytest.mark.parametrize(
     ("name", "reason"),
-    [("broken_empty.mp4", "unreadable"), ("broken_truncated.mp4", "unreadable"),
-     ("broken_text.mp4", "unreadable"), ("broken_image.mp4", "not_a_video"),
-     ("broken_audio_only.mp4", "no_video")],
+    [
+        ("broken_empty.mp4", "unreadable"),
+        ("broken_truncated.mp4", "unreadable"),
+        ("broken_text.mp4", "unreadable"),
+        ("broken_image.mp4", "not_a_video"),
+        ("broken_audio_only.mp4", "no_video"),
+    ],
 )
 def test_bad_files_get_a_clear_reason(media_dir, name, reason):
     with pytest.raises(MediaError) as err:
@@ -188,8 +202,16 @@ def test_one_ffmpeg_run_gives_the_same_frames_and_audio_as_separate_runs(
     info = media.probe(path, timeout_s=30)
     times = media.frame_times(info.duration, 8)
     n = media.audio_length(info.duration, 10.0)
-    both = media.decode_clip(path, times, duration=info.duration, fps=info.fps, audio_from=path,
-                             audio_samples=n, seek_above_s=seek_above_s, workdir=str(tmp_path))
+    both = media.decode_clip(
+        path,
+        times,
+        duration=info.duration,
+        fps=info.fps,
+        audio_from=path,
+        audio_samples=n,
+        seek_above_s=seek_above_s,
+        workdir=str(tmp_path),
+    )
     assert both.frames == _frames(media_dir["h264_aac.mp4"].path, info, seek_above_s=seek_above_s)
     assert np.array_equal(both.pcm, media.extract_audio(path, num_samples=n, timeout_s=30))
     assert list(tmp_path.iterdir()) == []  # the temp audio file is gone

@@ -63,8 +63,14 @@ def _build_inputs(media_dir, folder: Path) -> Path:
     for rid, name in GOOD.items():
         shutil.copyfile(media_dir[name].path, folder / name)
         rows.append({"id": rid, "video": name, "captions": [f"caption of {rid}", "second"]})
-    rows.append({"id": "sep_audio", "video": "h264_noaudio.mp4", "audio": "sep.m4a",
-                 "captions": ["video with a separate audio file"]})
+    rows.append(
+        {
+            "id": "sep_audio",
+            "video": "h264_noaudio.mp4",
+            "audio": "sep.m4a",
+            "captions": ["video with a separate audio file"],
+        }
+    )
     shutil.copyfile(media_dir["broken_audio_only.mp4"].path, folder / "sep.m4a")
     for rid, (name, _) in BAD.items():
         if name is not None:
@@ -115,7 +121,9 @@ def _check_output(root: Path, inputs: Path, media_dir) -> None:
         assert reasons[rid] == reason, (rid, [m for m in manifest if m["id"] == rid])
     failed_rows = [m for m in manifest if m["status"] == "failed"]
     assert sorted(m["reason"] for m in failed_rows if m["id"] in ("h264", "nocaption")) == [
-        "duplicate_id", "no_captions"]
+        "duplicate_id",
+        "no_captions",
+    ]
     assert all(m["error"] for m in failed_rows)
 
     shards = sorted(root.glob("*.tar"))
@@ -124,8 +132,9 @@ def _check_output(root: Path, inputs: Path, media_dir) -> None:
         data = (root / entry["name"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == entry["sha256"]
         assert len(data) == entry["bytes"]
-        listed = subprocess.run(["tar", "-tf", str(root / entry["name"])], capture_output=True,
-                                text=True, check=True).stdout.split()
+        listed = subprocess.run(
+            ["tar", "-tf", str(root / entry["name"])], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert len({n.split(".", 1)[0] for n in listed}) == entry["samples"]
 
     samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False, empty_check=False))
@@ -194,8 +203,9 @@ def test_s3_end_to_end(ray_session, s3_server, media_dir, tmp_path):
     assert summary.ok == len(GOOD) + 1
     root = _local_copy(output, s3, tmp_path / "copy")
     _check_output(root, local_inputs, media_dir)
-    missing = next(m for m in pq.read_table(root / "manifest.parquet").to_pylist()
-               if m["id"] == "missing")
+    missing = next(
+        m for m in pq.read_table(root / "manifest.parquet").to_pylist() if m["id"] == "missing"
+    )
     assert "s3://e2e/raw/does-not-exist.mp4" in missing["error"]
 
     import ray
@@ -214,10 +224,16 @@ def test_real_media_clips(ray_session, shared_data, tmp_path):
     by_id = {r["id"]: r for r in rows}
     assert by_id["video9771"]["has_audio"] is False
     assert all(r["has_audio"] for k, r in by_id.items() if k != "video9771")
-    samples = {s["__key__"]: s for s in wds.WebDataset(
-        [str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False, empty_check=False)}
+    samples = {
+        s["__key__"]: s
+        for s in wds.WebDataset(
+            [str(p) for p in sorted(out.glob("*.tar"))], shardshuffle=False, empty_check=False
+        )
+    }
     assert json.loads(samples["big_buck_bunny_0_30"]["captions.json"]) == [
-        "an animated forest scene with a large rabbit", "cartoon animals in a meadow"]
+        "an animated forest scene with a large rabbit",
+        "cartoon animals in a meadow",
+    ]
     bunny = ClipMeta.from_json(json.loads(samples["big_buck_bunny_0_30"]["json"]))
     assert bunny.audio_samples == 160_000  # 30 s clip, audio.max_seconds = 10
 
@@ -235,8 +251,9 @@ def test_too_many_failures_abort_with_a_manifest_but_no_index(ray_session, media
     assert err.value.summary.failed_by_reason == {"empty_file": 1, "unreadable": 1}
     assert len(pq.read_table(tmp_path / "out" / "manifest.parquet")) == 3
     assert not (tmp_path / "out" / "index.json").exists()
-    lenient = _config(str(folder / "m.jsonl"), str(tmp_path / "out"),
-                      execution={"max_failure_rate": 0.9})
+    lenient = _config(
+        str(folder / "m.jsonl"), str(tmp_path / "out"), execution={"max_failure_rate": 0.9}
+    )
     assert run(lenient).index_uri is not None
 
 
@@ -254,8 +271,9 @@ def test_rerun_with_another_config_is_refused(ray_session, media_dir, tmp_path):
         run(other)
 
 
-def test_s3_prefix_of_real_clips_read_back_by_streaming(ray_session, s3_server, shared_data,
-                                                        tmp_path):
+def test_s3_prefix_of_real_clips_read_back_by_streaming(
+    ray_session, s3_server, shared_data, tmp_path
+):
     """A prefix of videos plus captions.jsonl keyed by stem, as users keep them in MinIO/S3."""
     bucket = s3_server.make_bucket("prefix")
     s3 = S3Config().resolved()
@@ -268,10 +286,14 @@ def test_s3_prefix_of_real_clips_read_back_by_streaming(ray_session, s3_server, 
     for uri in shard_uris(output, s3=s3):  # what a training job does: no local copy
         stream = storage.open_read(uri, s3=s3)
         with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            keys += [m.name.split(".", 1)[0] for m in tar if m.name.endswith(".json")
-                     and not m.name.endswith(".captions.json")]
-    assert sorted(keys) == sorted(["video9770", "video9771", "chaplin", "fire2",
-                                   "big_buck_bunny_0_30", "ucf101_sample"])
+            keys += [
+                m.name.split(".", 1)[0]
+                for m in tar
+                if m.name.endswith(".json") and not m.name.endswith(".captions.json")
+            ]
+    assert sorted(keys) == sorted(
+        ["video9770", "video9771", "chaplin", "fire2", "big_buck_bunny_0_30", "ucf101_sample"]
+    )
 
 
 def test_secrets_never_reach_logs_or_outputs(ray_session, media_dir, tmp_path, capfd):
@@ -281,9 +303,17 @@ def test_secrets_never_reach_logs_or_outputs(ray_session, media_dir, tmp_path, c
     shutil.copyfile(media_dir["short.mp4"].path, folder / "a.mp4")
     (folder / "m.jsonl").write_text(json.dumps({"id": "a", "video": "a.mp4", "captions": ["x"]}))
     out = tmp_path / "out"
-    code = main(["--input", str(folder / "m.jsonl"), "--output", str(out),
-                 f"s3.access_key_id={sentinel_key}", f"s3.secret_access_key={sentinel_secret}",
-                 "execution.progress_interval_s=0.1"])
+    code = main(
+        [
+            "--input",
+            str(folder / "m.jsonl"),
+            "--output",
+            str(out),
+            f"s3.access_key_id={sentinel_key}",
+            f"s3.secret_access_key={sentinel_secret}",
+            "execution.progress_interval_s=0.1",
+        ]
+    )
     assert code == 0
     captured = capfd.readouterr()
     texts = [captured.out, captured.err]

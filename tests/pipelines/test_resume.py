@@ -21,14 +21,23 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 CLIPS = 12
-OVERRIDES = ["shards.samples_per_shard=2", "execution.clips_per_task=1",
-             "execution.progress_interval_s=1"]
+OVERRIDES = [
+    "shards.samples_per_shard=2",
+    "execution.clips_per_task=1",
+    "execution.progress_interval_s=1",
+]
 
 
 def _inputs(media_dir, folder: Path) -> Path:
     folder.mkdir(parents=True)
-    names = ["h264_aac.mp4", "h264_noaudio.mp4", "short.mp4", "tall.mp4", "mpeg4_mp3.avi",
-             "broken_text.mp4"]
+    names = [
+        "h264_aac.mp4",
+        "h264_noaudio.mp4",
+        "short.mp4",
+        "tall.mp4",
+        "mpeg4_mp3.avi",
+        "broken_text.mp4",
+    ]
     rows = []
     for n in range(CLIPS):
         name = names[n % len(names)]
@@ -40,8 +49,9 @@ def _inputs(media_dir, folder: Path) -> Path:
 
 
 def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def _config(inputs: Path, out: Path) -> PreprocessConfig:
@@ -52,12 +62,27 @@ def _config(inputs: Path, out: Path) -> PreprocessConfig:
 
 
 def _start(inputs: Path, out: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "jobs.preprocess", "--input", str(inputs), "--output", str(out),
-         *OVERRIDES],
-        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "jobs.preprocess",
+            "--input",
+            str(inputs),
+            "--output",
+            str(out),
+            *OVERRIDES,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 

@@ -60,8 +60,13 @@ def test_local_atomic_write_leaves_no_partial_file(tmp_path):
 
 
 def test_unreachable_endpoint_retries_then_names_the_object():
-    cfg = S3Config(endpoint_url=f"http://127.0.0.1:{free_port()}", access_key_id="k",
-                   secret_access_key="s", max_attempts=3, backoff_s=0.01)
+    cfg = S3Config(
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        access_key_id="k",
+        secret_access_key="s",
+        max_attempts=3,
+        backoff_s=0.01,
+    )
     with pytest.raises(StorageError, match=r"s3://bucket/key\.tar failed after 3 attempt") as err:
         storage.read_bytes("s3://bucket/key.tar", s3=cfg)
     assert "secret" not in repr(cfg)
