@@ -1,0 +1,1 @@
+"""Thin entry points, one readable file per job."""

@@ -1,0 +1,341 @@
+"""Read the job's input into a checked, ordered list of `InputItem`s before any work starts.
+
+Accepted inputs (local paths or s3:// URIs):
+
+- a manifest: `.jsonl` (one JSON object per line), `.csv` (header row) or
+  `.parquet`, with a video column (`video`, `video_uri`, `path` or `uri`),
+  captions (`captions`: a list, or in CSV a JSON list or one string;
+  `caption`/`text`: one string), optional `id` and optional `audio`.
+  Relative paths resolve against the manifest's folder.
+- a folder/prefix of videos plus a captions file keyed by file stem
+  (JSON object `{stem: [captions]}` or JSONL `{"id": stem, "captions": [...]}`).
+
+Structural problems (invalid JSON, no video column, captions of the wrong
+type, no rows) raise `ManifestError` naming the line. Problems with one
+row's content (duplicate id, no or over-long captions, text that is not
+UTF-8) become that row's failure reason; the row still gets its manifest line.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import posixpath
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
+from typing import Any
+
+from gram.schema import safe_key
+from pipelines import storage
+from pipelines.config import InputsConfig
+from pipelines.storage import S3Config
+
+__all__ = ["InputItem", "ManifestError", "fingerprint", "read_inputs"]
+
+_VIDEO_COLS = ("video", "video_uri", "path", "uri")
+_CAPTION_LIST_COLS = ("captions",)
+_CAPTION_ONE_COLS = ("caption", "text")
+_MANIFEST_EXTS = (".jsonl", ".ndjson", ".csv", ".parquet")
+
+
+class ManifestError(ValueError):
+    """The input manifest or listing cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class InputItem:
+    """One input row, resolved and checked. `index` is its 0-based position in the input."""
+
+    index: int
+    line: int
+    """1-based line (JSONL, CSV with the header as line 1) or row number (Parquet, listing)."""
+    id: str
+    key: str
+    video: str
+    audio: str | None
+    captions: tuple[str, ...]
+    reason: str | None = None
+    """Set when the row fails before any media work (e.g. duplicate_id, no_captions)."""
+    error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (round-trips through `InputItem(**d)` after list->tuple)."""
+        out = asdict(self)
+        out["captions"] = list(self.captions)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> InputItem:
+        """Inverse of `to_json`."""
+        return cls(**{**data, "captions": tuple(data["captions"])})
+
+
+@dataclass(frozen=True)
+class _Raw:
+    line: int
+    id: str | None
+    video: str
+    audio: str | None
+    captions: list[str]
+
+
+def _resolve(base: str, ref: str) -> str:
+    if storage.is_s3(ref) or ref.startswith("/"):
+        return ref
+    if ref.startswith("file://"):
+        return ref[len("file://") :]
+    if storage.is_s3(base):
+        bucket, key = storage.split_s3(base)
+        return f"s3://{bucket}/{posixpath.normpath(posixpath.join(key, ref))}"
+    return str(PurePosixPath(base) / ref) if base else ref
+
+
+def _pick(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
+    for name in names:
+        if name in row and row[name] not in (None, ""):
+            return row[name]
+    return None
+
+
+def _captions(row: Mapping[str, Any], where: str, *, csv_text: bool) -> list[str]:
+    value = _pick(row, _CAPTION_LIST_COLS)
+    if value is None:
+        one = _pick(row, _CAPTION_ONE_COLS)
+        value = [] if one is None else [one]
+    if csv_text and isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ManifestError(
+                    f"{where}: captions look like a JSON list but are not ({exc})"
+                ) from None
+        else:
+            value = [value]
+    if isinstance(value, str):
+        value = [value]
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if not isinstance(value, list | tuple) or not all(isinstance(c, str) for c in value):
+        raise ManifestError(
+            f"{where}: captions must be a string or a list of strings, got {value!r:.80}"
+        )
+    return list(value)
+
+
+def _row(row: Any, where: str, line: int, base: str, *, csv_text: bool = False) -> _Raw:
+    if not isinstance(row, Mapping):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    video = _pick(row, _VIDEO_COLS)
+    if not isinstance(video, str) or not video.strip():
+        raise ManifestError(
+            f"{where}: no video path (expected a non-empty field named one of "
+            f"{', '.join(_VIDEO_COLS)})"
+        )
+    raw_id = row.get("id")
+    if raw_id is not None and not isinstance(raw_id, str | int):
+        raise ManifestError(f"{where}: id must be a string or an integer, got {raw_id!r:.80}")
+    audio = row.get("audio")
+    if audio is not None and not isinstance(audio, str):
+        raise ManifestError(f"{where}: audio must be a path string, got {audio!r:.80}")
+    return _Raw(
+        line=line,
+        id=None if raw_id in (None, "") else str(raw_id),
+        video=_resolve(base, video.strip()),
+        audio=_resolve(base, audio.strip()) if audio and audio.strip() else None,
+        captions=_captions(row, where, csv_text=csv_text),
+    )
+
+
+def _text(data: bytes) -> str:
+    # Undecodable bytes survive as surrogates so the row, not the file, fails (reason not_utf8).
+    return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+
+
+def _read_jsonl(uri: str, data: bytes, base: str) -> Iterator[_Raw]:
+    for n, line in enumerate(_text(data).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(
+                f"{uri}:{n}: invalid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        yield _row(obj, f"{uri}:{n}", n, base)
+
+
+def _read_csv(uri: str, data: bytes, base: str) -> Iterator[_Raw]:
+    reader = csv.DictReader(io.StringIO(_text(data), newline=""))
+    if not reader.fieldnames:
+        raise ManifestError(f"{uri}:1: empty CSV (a header row with a video column is required)")
+    fields = [f.strip() for f in reader.fieldnames]
+    if not any(f in fields for f in _VIDEO_COLS):
+        raise ManifestError(
+            f"{uri}:1: CSV header {fields} has no video column ({', '.join(_VIDEO_COLS)})"
+        )
+    reader.fieldnames = fields
+    for row in reader:
+        n = reader.line_num
+        if None in row:
+            raise ManifestError(f"{uri}:{n}: more values than header columns")
+        yield _row(row, f"{uri}:{n}", n, base, csv_text=True)
+
+
+def _read_parquet(uri: str, data: bytes, base: str) -> Iterator[_Raw]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"{uri}: not a readable Parquet file ({exc})") from None
+    if not any(c in table.column_names for c in _VIDEO_COLS):
+        raise ManifestError(
+            f"{uri}: no video column ({', '.join(_VIDEO_COLS)}) in {table.column_names}"
+        )
+    for n, row in enumerate(table.to_pylist(), start=1):
+        yield _row(row, f"{uri}: row {n}", n, base)
+
+
+def _read_captions_file(uri: str, s3: S3Config | None) -> dict[str, list[str]]:
+    data = storage.read_bytes(uri, s3=s3)
+    text = _text(data)
+    if uri.endswith(".json"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{uri}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise ManifestError(f"{uri}: expected a JSON object mapping file stem -> captions")
+        return {
+            str(k): _captions({"captions": v}, f"{uri}: {k!r}", csv_text=False)
+            for k, v in obj.items()
+        }
+    out: dict[str, list[str]] = {}
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(
+                f"{uri}:{n}: invalid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str | int):
+            raise ManifestError(f"{uri}:{n}: expected an object with an `id` (the file stem)")
+        out[str(obj["id"])] = _captions(obj, f"{uri}:{n}", csv_text=False)
+    return out
+
+
+def _list_prefix(uri: str, cfg: InputsConfig, s3: S3Config | None) -> Iterator[_Raw]:
+    root = uri.rstrip("/")
+    files = storage.list_files(root, s3=s3, suffixes=cfg.video_extensions)
+    if cfg.captions_file:
+        cap_uri = _resolve(root, cfg.captions_file)
+    else:
+        cands = [storage.join(root, n) for n in ("captions.jsonl", "captions.json")]
+        cap_uri = next((c for c in cands if storage.exists(c, s3=s3)), "")
+    captions = _read_captions_file(cap_uri, s3) if cap_uri else {}
+    for n, f in enumerate(files, start=1):
+        rel = f.uri[len(root) + 1 :]
+        stem = rel.rsplit(".", 1)[0]
+        caps = captions.get(stem, captions.get(PurePosixPath(rel).stem, []))
+        yield _Raw(line=n, id=stem, video=f.uri, audio=None, captions=caps)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def read_inputs(uri: str, cfg: InputsConfig, *, s3: S3Config | None = None) -> list[InputItem]:
+    """Read, resolve and check every input; raises ManifestError before any work starts."""
+    lower = uri.lower()
+    if lower.endswith(_MANIFEST_EXTS):
+        try:
+            data = storage.read_bytes(uri, s3=s3)
+        except storage.StorageNotFoundError:
+            raise ManifestError(f"{uri}: input manifest does not exist") from None
+        base = storage.parent(uri)
+        if lower.endswith(".csv"):
+            raws = list(_read_csv(uri, data, base))
+        elif lower.endswith(".parquet"):
+            raws = list(_read_parquet(uri, data, base))
+        else:
+            raws = list(_read_jsonl(uri, data, base))
+    else:
+        try:
+            raws = list(_list_prefix(uri, cfg, s3))
+        except storage.StorageNotFoundError as exc:
+            raise ManifestError(
+                f"{uri}: input is neither a manifest ({', '.join(_MANIFEST_EXTS)}) "
+                f"nor an existing folder/prefix ({exc})"
+            ) from None
+    if not raws:
+        raise ManifestError(f"{uri}: no inputs found")
+    return _check_rows(uri, raws, cfg)
+
+
+def _check_rows(uri: str, raws: list[_Raw], cfg: InputsConfig) -> list[InputItem]:
+    items: list[InputItem] = []
+    seen_ids: dict[str, int] = {}
+    seen_keys: dict[str, int] = {}
+    for index, raw in enumerate(raws):
+        rid = raw.id if raw.id is not None else raw.video.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        reason, error = None, None
+        if not all(_is_utf8(t) for t in (rid, raw.video, raw.audio or "", *raw.captions)):
+            reason, error = "not_utf8", "id, path or a caption is not valid UTF-8 text"
+        key = safe_key(_printable(rid))
+        captions = [c.strip() for c in raw.captions if c.strip()]
+        if reason is None and rid in seen_ids:
+            reason = "duplicate_id"
+            error = f"id {rid!r} already used at line {seen_ids[rid]}; this row was not processed"
+            if cfg.duplicate_ids == "error":
+                raise ManifestError(f"{uri}:{raw.line}: {error} (inputs.duplicate_ids=error)")
+        elif reason is None and key in seen_keys:
+            reason = "duplicate_id"
+            error = f"id {rid!r} maps to key {key!r} already used at line {seen_keys[key]}"
+        elif reason is None and not captions:
+            reason, error = "no_captions", "no non-empty caption for this clip"
+        elif reason is None and (longest := max(len(c) for c in captions)) > cfg.max_caption_chars:
+            reason = "caption_too_long"
+            limit = cfg.max_caption_chars
+            error = f"a caption has {longest} characters (inputs.max_caption_chars={limit})"
+        if reason is None:
+            seen_ids[rid] = raw.line
+            seen_keys[key] = raw.line
+        items.append(
+            InputItem(
+                index=index,
+                line=raw.line,
+                id=_printable(rid),
+                key=key,
+                video=_printable(raw.video),
+                audio=_printable(raw.audio) if raw.audio else None,
+                captions=tuple(_printable(c) for c in captions),
+                reason=reason,
+                error=error,
+            )
+        )
+    return items
+
+
+def fingerprint(items: list[InputItem]) -> str:
+    """16-hex-digit hash of the resolved inputs (ids, keys, URIs, captions, early failures)."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(json.dumps(item.to_json(), sort_keys=True, ensure_ascii=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]

@@ -1,0 +1,484 @@
+"""Object storage for local paths and `s3://` URIs (AWS, MinIO or any S3-compatible endpoint).
+
+The preprocessing job uses it for inputs, shards and its state; the training
+job can use it for shards and checkpoints:
+
+    s3 = S3Config(endpoint_url="http://minio:9000").resolved()    # creds: config or AWS chain
+    for f in list_files("s3://bucket/shards/", s3=s3, suffixes=(".tar",)):
+        data = read_bytes(f.uri, s3=s3)
+    put_file("s3://bucket/ckpt/model.safetensors", "/tmp/model.safetensors", s3=s3)
+
+Writes are atomic: a reader sees the old object or the new one, never a
+partial one (local: write a hidden temp file in the same folder, fsync,
+rename; S3: one PUT, or a multipart upload that becomes visible only when
+completed). S3 calls are retried with exponential backoff on connection
+errors, throttling and 5xx answers; the final error names the object.
+Credentials never appear in `repr()`, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import random
+import shutil
+import time
+import typing
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+from gram.config import ConfigError
+
+__all__ = [
+    "FileInfo",
+    "S3Config",
+    "StorageError",
+    "StorageNotFoundError",
+    "delete",
+    "download",
+    "exists",
+    "is_s3",
+    "join",
+    "list_files",
+    "open_read",
+    "parent",
+    "put_bytes",
+    "put_file",
+    "pyarrow_filesystem",
+    "read_bytes",
+    "remove_stale_temp_files",
+    "split_s3",
+]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the operation and the object."""
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """The object or file does not exist."""
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """How to reach S3-compatible storage. Secrets are excluded from repr and config hashes.
+
+    Empty fields fall back to the standard AWS chain (environment variables
+    such as AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID, config files, instance
+    roles) in the process that makes the call.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    max_attempts: int = 5
+    """Attempts per S3 call (first try included) before the error is raised."""
+    backoff_s: float = 0.5
+    """First retry delay in seconds; doubles each attempt (with jitter), capped at 20 s."""
+    forward_credentials: bool = True
+    """Resolve credentials on the driver and ship them to Ray workers in the task (not in logs)."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"s3.max_attempts: must be >= 1, got {self.max_attempts}")
+        if self.backoff_s < 0:
+            raise ConfigError(f"s3.backoff_s: must be >= 0, got {self.backoff_s}")
+
+    def resolved(self) -> S3Config:
+        """A copy with endpoint, region and credentials filled from this process's AWS chain."""
+        endpoint = (
+            self.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+        )
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if not self.forward_credentials or self.access_key_id:
+            return replace(self, endpoint_url=endpoint, region=region)
+        import boto3
+
+        creds = boto3.Session().get_credentials()
+        if creds is None:
+            return replace(self, endpoint_url=endpoint, region=region)
+        frozen = creds.get_frozen_credentials()
+        return replace(
+            self,
+            endpoint_url=endpoint,
+            region=region,
+            access_key_id=frozen.access_key,
+            secret_access_key=frozen.secret_key,
+            session_token=frozen.token,
+        )
+
+    def public(self) -> dict[str, Any]:
+        """The non-secret fields (for config hashes, index files and logs)."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+            "max_attempts": self.max_attempts,
+            "backoff_s": self.backoff_s,
+        }
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed file: its full URI and size in bytes."""
+
+    uri: str
+    size: int
+
+
+def is_s3(uri: str) -> bool:
+    """True for `s3://bucket/key` URIs."""
+    return uri.startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> `("bucket", "a/b")`."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+def _local(uri: str) -> Path:
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with `/` (S3) or the path separator (local)."""
+    if is_s3(base):
+        out = base.rstrip("/")
+        for p in parts:
+            out = f"{out}/{p.strip('/')}"
+        return out
+    return str(_local(base).joinpath(*parts))
+
+
+def parent(uri: str) -> str:
+    """The folder/prefix that holds `uri`."""
+    if is_s3(uri):
+        return uri.rstrip("/").rsplit("/", 1)[0]
+    return str(_local(uri).parent)
+
+
+# --- S3 plumbing ---------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _client(cfg: S3Config) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    # One attempt per botocore call: retries are ours, so their count and the error are explicit.
+    bcfg = Config(
+        retries={"max_attempts": 1, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=120,
+        signature_version="s3v4",
+        s3={"addressing_style": "path"} if cfg.endpoint_url else {},
+    )
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=cfg.endpoint_url,
+        region_name=cfg.region or "us-east-1",
+        aws_access_key_id=cfg.access_key_id,
+        aws_secret_access_key=cfg.secret_access_key,
+        aws_session_token=cfg.session_token,
+        config=bcfg,
+    )
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def _status(exc: BaseException) -> int:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return 0
+
+
+_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_RETRYABLE_CODES = {
+    "Throttling",
+    "ThrottlingException",
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeTooSkewed",
+}
+
+
+def _retryable(exc: BaseException) -> bool:
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if isinstance(exc, ClientError):
+        return _error_code(exc) in _RETRYABLE_CODES or _status(exc) >= 500
+    return isinstance(exc, BotoCoreError | ConnectionError | TimeoutError)
+
+
+def _with_retries(cfg: S3Config, op: str, uri: str, fn: Callable[[], T]) -> T:
+    """Run `fn`, retrying transient S3 errors with exponential backoff; errors name `uri`."""
+    delay = cfg.backoff_s
+    for attempt in range(1, cfg.max_attempts + 1):
+        try:
+            return fn()
+        except StorageError:
+            raise
+        except Exception as exc:
+            if _error_code(exc) in _NOT_FOUND or _status(exc) == 404:
+                raise StorageNotFoundError(f"{op} {uri}: object not found (404)") from None
+            if not _retryable(exc) or attempt == cfg.max_attempts:
+                kind = type(exc).__name__
+                raise StorageError(
+                    f"{op} {uri} failed after {attempt} attempt(s): {kind}: {exc}"
+                ) from exc
+            log.warning(
+                "%s %s: %s (attempt %d/%d), retrying in %.1fs",
+                op,
+                uri,
+                type(exc).__name__,
+                attempt,
+                cfg.max_attempts,
+                delay,
+            )
+            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 (jitter, not crypto)
+            delay = min(delay * 2, 20.0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _cfg(s3: S3Config | None) -> S3Config:
+    return s3 if s3 is not None else S3Config()
+
+
+# --- public operations ---------------------------------------------------------------------
+
+
+def list_files(
+    prefix: str, *, s3: S3Config | None = None, suffixes: Iterable[str] | None = None
+) -> list[FileInfo]:
+    """Every file under folder/prefix `prefix` (recursive), sorted by URI.
+
+    `suffixes` keeps only names ending with one of them (case-insensitive).
+    Directory markers (S3 keys ending in `/`) and hidden temp files are skipped.
+    """
+    ends = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+    out: list[FileInfo] = []
+    if is_s3(prefix):
+        cfg = _cfg(s3)
+        bucket, key = split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"
+
+        def pages() -> list[dict[str, Any]]:
+            paginator = _client(cfg).get_paginator("list_objects_v2")
+            return list(paginator.paginate(Bucket=bucket, Prefix=key))
+
+        for page in _with_retries(cfg, "list", prefix, pages):
+            for obj in page.get("Contents", []):
+                name = obj["Key"]
+                if name.endswith("/"):
+                    continue
+                out.append(FileInfo(f"s3://{bucket}/{name}", int(obj["Size"])))
+    else:
+        root = _local(prefix)
+        if not root.is_dir():
+            raise StorageNotFoundError(f"list {prefix}: no such folder")
+        for path in root.rglob("*"):
+            if path.is_file() and not path.name.startswith("."):
+                out.append(FileInfo(str(path), path.stat().st_size))
+    if ends is not None:
+        out = [f for f in out if f.uri.lower().endswith(ends)]
+    return sorted(out, key=lambda f: f.uri)
+
+
+def exists(uri: str, *, s3: S3Config | None = None) -> bool:
+    """True if the file/object exists."""
+    if not is_s3(uri):
+        return _local(uri).is_file()
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+    try:
+        _with_retries(cfg, "head", uri, lambda: _client(cfg).head_object(Bucket=bucket, Key=key))
+    except StorageNotFoundError:
+        return False
+    return True
+
+
+def read_bytes(uri: str, *, s3: S3Config | None = None) -> bytes:
+    """The whole content of a file/object."""
+    if not is_s3(uri):
+        try:
+            return _local(uri).read_bytes()
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"read {uri}: no such file") from None
+        except OSError as exc:
+            raise StorageError(f"read {uri}: {exc.strerror or exc}") from None
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+
+    def get() -> bytes:
+        body = _client(cfg).get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            return bytes(body.read())
+        finally:
+            body.close()
+
+    return _with_retries(cfg, "read", uri, get)
+
+
+def open_read(uri: str, *, s3: S3Config | None = None) -> BinaryIO:
+    """A streaming binary reader (`read(n)`, close when done): e.g. for
+    `tarfile.open(fileobj=open_read(uri), mode="r|")` over a shard without a local copy.
+    Only opening is retried; a failure while streaming raises to the reader."""
+    if not is_s3(uri):
+        try:
+            return _local(uri).open("rb")
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"open {uri}: no such file") from None
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+    body = _with_retries(
+        cfg, "open", uri, lambda: _client(cfg).get_object(Bucket=bucket, Key=key)["Body"]
+    )
+    return typing.cast(BinaryIO, body)
+
+
+def download(uri: str, dest: str | Path, *, s3: S3Config | None = None) -> Path:
+    """Copy `uri` to the local file `dest` (streamed, not held in memory); returns `dest`."""
+    target = Path(dest)
+    if not is_s3(uri):
+        try:
+            shutil.copyfile(_local(uri), target)
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"download {uri}: no such file") from None
+        return target
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+
+    def get() -> None:
+        body = _client(cfg).get_object(Bucket=bucket, Key=key)["Body"]
+        try:
+            with target.open("wb") as fh:
+                for chunk in iter(lambda: body.read(1 << 20), b""):
+                    fh.write(chunk)
+        finally:
+            body.close()
+
+    _with_retries(cfg, "download", uri, get)
+    return target
+
+
+def _local_atomic_write(target: Path, write: Callable[[Any], None]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with tmp.open("wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def put_bytes(uri: str, data: bytes, *, s3: S3Config | None = None) -> None:
+    """Write `data` to `uri` atomically (replacing any previous content)."""
+    if not is_s3(uri):
+        _local_atomic_write(_local(uri), lambda fh: fh.write(data))
+        return
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+    _with_retries(
+        cfg, "put", uri, lambda: _client(cfg).put_object(Bucket=bucket, Key=key, Body=data)
+    )
+
+
+def put_file(uri: str, src: str | Path, *, s3: S3Config | None = None) -> None:
+    """Copy local file `src` to `uri` atomically (S3: PUT or multipart, visible when complete)."""
+    source = Path(src)
+    if not is_s3(uri):
+
+        def copy(fh: Any) -> None:
+            with source.open("rb") as inp:
+                shutil.copyfileobj(inp, fh, 1 << 20)
+
+        _local_atomic_write(_local(uri), copy)
+        return
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+    _with_retries(cfg, "upload", uri, lambda: _client(cfg).upload_file(str(source), bucket, key))
+
+
+def delete(uri: str, *, s3: S3Config | None = None) -> None:
+    """Remove a file/object; a missing one is not an error."""
+    if not is_s3(uri):
+        with contextlib.suppress(FileNotFoundError):
+            _local(uri).unlink()
+        return
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+    _with_retries(cfg, "delete", uri, lambda: _client(cfg).delete_object(Bucket=bucket, Key=key))
+
+
+def remove_stale_temp_files(folder: str) -> int:
+    """Delete hidden temp files left in a local `folder` by a killed atomic write; returns count.
+
+    S3 needs no cleanup: an interrupted multipart upload is never visible.
+    """
+    if is_s3(folder):
+        return 0
+    root = _local(folder)
+    if not root.is_dir():
+        return 0
+    stale = [p for p in root.rglob(".*.tmp-*") if p.is_file()]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return len(stale)
+
+
+def pyarrow_filesystem(uri: str, *, s3: S3Config | None = None) -> tuple[Any, str]:
+    """`(pyarrow.fs.FileSystem, path)` for readers that take a filesystem, e.g.
+    `ray.data.read_webdataset(path, filesystem=fs)`; S3 paths come back without `s3://`."""
+    import pyarrow.fs as pafs
+
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(_local(uri))
+    cfg = _cfg(s3)
+    kwargs: dict[str, Any] = {"region": cfg.region or "us-east-1"}
+    if cfg.access_key_id:
+        kwargs.update(
+            access_key=cfg.access_key_id,
+            secret_key=cfg.secret_access_key,
+            session_token=cfg.session_token,
+        )
+    if cfg.endpoint_url:
+        scheme, _, host = cfg.endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    return pafs.S3FileSystem(**kwargs), uri[len("s3://") :]

@@ -1,0 +1,217 @@
+"""Media operations as plain functions on real ffmpeg-made clips (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import time
+
+import numpy as np
+import pytest
+import soundfile
+from PIL import Image
+
+from gram.schema import SAMPLE_RATE
+from pipelines import media
+from pipelines.media import MediaError
+from tests.pipelines.conftest import SHELL_NAME
+
+
+def _frames(path, info, **kw):
+    times = media.frame_times(info.duration, 8)
+    return media.extract_frames(str(path), times, duration=info.duration, fps=info.fps, **kw)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "h264_aac.mp4",
+        "h264_noaudio.mp4",
+        "vp9_opus.webm",
+        "mpeg4_mp3.avi",
+        "vp8_vorbis.mkv",
+        "vfr.mp4",
+        "tall.mp4",
+        SHELL_NAME,
+    ],
+)
+def test_probe_and_decode_every_codec_and_container(media_dir, name):
+    fx = media_dir[name]
+    info = media.probe(str(fx.path), timeout_s=30)
+    assert info.duration == pytest.approx(fx.spec.duration, abs=0.25)
+    assert (info.width, info.height) == (fx.spec.width, fx.spec.height)
+    assert info.has_audio == (fx.spec.audio_codec is not None)
+    frames = _frames(fx.path, info)
+    assert len(frames) == 8
+    for jpg in frames:
+        img = Image.open(io.BytesIO(jpg))
+        assert img.format == "JPEG"
+        assert img.size == (224, 224)
+        assert img.mode == "RGB"
+
+
+def test_shell_metacharacters_in_file_names_are_plain_arguments(media_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    info = media.probe(str(media_dir[SHELL_NAME].path), timeout_s=30)
+    pcm = media.extract_audio(str(media_dir[SHELL_NAME].path), num_samples=16_000, timeout_s=30)
+    assert info.has_audio
+    assert pcm.shape == (16_000,)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_frame_times_are_segment_midpoints_inside_the_clip():
+    assert media.frame_times(8.0, 4) == [1.0, 3.0, 5.0, 7.0]
+    assert media.frame_times(4.0, 2, frames_per_segment=2) == [0.5, 1.5, 2.5, 3.5]
+    short = media.frame_times(0.3, 8)
+    assert len(short) == 8
+    assert max(short) < 0.3
+    assert short == sorted(short)
+    with pytest.raises(ValueError, match="duration"):
+        media.frame_times(0.0, 8)
+
+
+def _halves(jpg):
+    rgb = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=float)  # [H, W, 3]
+    left, right = rgb[:, :100].mean((0, 1)), rgb[:, 124:].mean((0, 1))
+    top, bottom = rgb[:100].mean((0, 1)), rgb[124:].mean((0, 1))
+    return left, right, top, bottom
+
+
+def test_rotation_metadata_is_applied_so_frames_are_upright(media_dir):
+    up = media.probe(str(media_dir["upright.mp4"].path), timeout_s=30)
+    rot = media.probe(str(media_dir["rotated90.mp4"].path), timeout_s=30)
+    assert up.rotation == 0
+    assert rot.rotation in (90, 270)
+    assert (rot.width, rot.height) == (180, 320)  # displayed size
+    left, right, top, bottom = _halves(_frames(media_dir["upright.mp4"].path, up)[0])
+    assert left[0] > 200 > left[2]
+    assert right[2] > 200 > right[0]
+    left, right, top, bottom = _halves(_frames(media_dir["rotated90.mp4"].path, rot)[0])
+    assert abs(top[0] - bottom[0]) > 150  # turned: the halves are now above each other
+    assert abs(left[0] - right[0]) < 50
+
+
+def test_one_pass_and_seeking_decode_give_the_same_frames(media_dir):
+    path = media_dir["h264_aac.mp4"].path
+    info = media.probe(str(path), timeout_s=30)
+    one_pass = _frames(path, info, seek_above_s=1e9)
+    seeking = _frames(path, info, seek_above_s=0.0)
+    assert one_pass == seeking
+
+
+def test_clip_shorter_than_the_frame_count_repeats_frames(media_dir):
+    info = media.probe(str(media_dir["short.mp4"].path), timeout_s=30)  # 3 frames at 10 fps
+    frames = _frames(media_dir["short.mp4"].path, info)
+    assert len(frames) == 8
+    assert len(set(frames)) == 3
+
+
+def test_long_clip_seeks_to_sampled_frames_only(media_dir):
+    info = media.probe(str(media_dir["long.mp4"].path), timeout_s=30)
+    assert info.duration == pytest.approx(90.0, abs=0.5)
+    frames = _frames(media_dir["long.mp4"].path, info, seek_above_s=60.0)
+    assert len(frames) == 8
+    assert len(set(frames)) == 8
+
+
+def test_4k_clip_decodes_without_blowing_memory(media_dir):
+    info = media.probe(str(media_dir["uhd.mp4"].path), timeout_s=30)
+    assert (info.width, info.height) == (3840, 2160)
+    frames = _frames(media_dir["uhd.mp4"].path, info)
+    assert len(frames) == 8
+    # Peak RSS of any child so far (KiB on Linux): one 4K frame pipeline, not the whole clip.
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_500_000
+
+
+@pytest.mark.parametrize(
+    "name", ["h264_aac.mp4", "vp9_opus.webm", "mpeg4_mp3.avi", "vp8_vorbis.mkv"]
+)
+def test_audio_is_16k_mono_and_exactly_as_long_as_asked(media_dir, name):
+    fx = media_dir[name]
+    info = media.probe(str(fx.path), timeout_s=30)
+    n = media.audio_length(info.duration, 10.0)
+    pcm = media.extract_audio(str(fx.path), num_samples=n, timeout_s=30)
+    assert pcm.dtype == np.int16
+    assert pcm.shape == (n,)
+    assert np.abs(pcm[: n // 2].astype(float)).mean() > 1000  # a 440 Hz tone, not silence
+    cut = media.extract_audio(str(fx.path), num_samples=4000, timeout_s=30)
+    assert cut.shape == (4000,)
+    padded = media.extract_audio(str(fx.path), num_samples=n + 8000, timeout_s=30)
+    assert padded.shape == (n + 8000,)
+    assert not padded[-4000:].any()
+
+
+def test_flac_round_trip_is_lossless():
+    pcm = (np.sin(np.arange(16_000) / 5.0) * 20_000).astype(np.int16)
+    data, rate = soundfile.read(io.BytesIO(media.encode_flac(pcm)), dtype="int16")
+    assert rate == SAMPLE_RATE
+    assert np.array_equal(data, pcm)
+    assert media.encode_flac(pcm) == media.encode_flac(pcm)  # deterministic bytes
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("broken_empty.mp4", "unreadable"),
+        ("broken_truncated.mp4", "unreadable"),
+        ("broken_text.mp4", "unreadable"),
+        ("broken_image.mp4", "not_a_video"),
+        ("broken_audio_only.mp4", "no_video"),
+    ],
+)
+def test_bad_files_get_a_clear_reason(media_dir, name, reason):
+    with pytest.raises(MediaError) as err:
+        media.probe(str(media_dir[name].path), timeout_s=30)
+    assert err.value.reason == reason
+    assert err.value.message
+
+
+def test_timeout_kills_the_process_and_its_children(tmp_path):
+    marker = tmp_path / "child.pid"
+    script = f"sleep 60 & echo $! > '{marker}'; wait"
+    start = time.monotonic()
+    with pytest.raises(MediaError) as err:
+        media.run_command(["sh", "-c", script], timeout_s=1.0)
+    assert err.value.reason == "timeout"
+    assert time.monotonic() - start < 30
+    child = int(marker.read_text())
+    for _ in range(50):
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the child of the timed-out process is still alive")
+
+
+def test_ffprobe_hanging_on_a_fifo_is_killed(tmp_path):
+    fifo = tmp_path / "hang.mp4"
+    os.mkfifo(fifo)  # nobody writes: ffprobe blocks opening it
+    with pytest.raises(MediaError) as err:
+        media.probe(str(fifo), timeout_s=1.0)
+    assert err.value.reason == "timeout"
+
+
+@pytest.mark.parametrize("seek_above_s", [1e9, 0.0])
+def test_one_ffmpeg_run_gives_the_same_frames_and_audio_as_separate_runs(
+    media_dir, tmp_path, seek_above_s
+):
+    path = str(media_dir["h264_aac.mp4"].path)
+    info = media.probe(path, timeout_s=30)
+    times = media.frame_times(info.duration, 8)
+    n = media.audio_length(info.duration, 10.0)
+    both = media.decode_clip(
+        path,
+        times,
+        duration=info.duration,
+        fps=info.fps,
+        audio_from=path,
+        audio_samples=n,
+        seek_above_s=seek_above_s,
+        workdir=str(tmp_path),
+    )
+    assert both.frames == _frames(media_dir["h264_aac.mp4"].path, info, seek_above_s=seek_above_s)
+    assert np.array_equal(both.pcm, media.extract_audio(path, num_samples=n, timeout_s=30))
+    assert list(tmp_path.iterdir()) == []  # the temp audio file is gone
