@@ -91,14 +91,22 @@ def run(cfg: TrainConfig) -> TrainResult:
     total_steps = cfg.max_steps or per_epoch * cfg.epochs
     run_id = _resumed_run_id(cfg, s3)
 
-    tracker = Tracker(cfg.tracking, run_id=run_id or None, run_name=cfg.name, tags={"gram.job": "train"})
+    tracker = Tracker(
+        cfg.tracking, run_id=run_id or None, run_name=cfg.name, tags={"gram.job": "train"}
+    )
     tracker.log_params(
-        {**to_dict(cfg), "dataset_fingerprint": fingerprint, "train_samples": total, "total_steps": total_steps}
+        {
+            **to_dict(cfg),
+            "dataset_fingerprint": fingerprint,
+            "train_samples": total,
+            "total_steps": total_steps,
+        }
     )
     tracker.set_tags({"git_commit": git_commit(), "gram.run_name": cfg.name})
     run_id = tracker.wait_for_run(timeout=15) or ""
     print(
-        f"training {cfg.model!r} on {total} samples in {len(shards)} shards: {per_epoch} steps/epoch x "
+        f"training {cfg.model!r} on {total} samples in {len(shards)} shards: "
+        f"{per_epoch} steps/epoch x "
         f"{cfg.epochs} epoch(s) -> {total_steps} steps, {cfg.scaling.workers} worker(s) x batch "
         f"{cfg.data.batch_size}",
         flush=True,
@@ -117,7 +125,9 @@ def run(cfg: TrainConfig) -> TrainResult:
         },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            num_workers=cfg.scaling.workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.name,
@@ -133,7 +143,11 @@ def run(cfg: TrainConfig) -> TrainResult:
     metrics = dict(result.metrics or {})
     ckpt_uri = ""
     if result.checkpoint is not None:
-        ckpt_uri = f"s3://{result.checkpoint.path}" if storage.is_s3(cfg.checkpoint.storage) else result.checkpoint.path
+        ckpt_uri = (
+            f"s3://{result.checkpoint.path}"
+            if storage.is_s3(cfg.checkpoint.storage)
+            else result.checkpoint.path
+        )
     run_id = str(metrics.get("mlflow_run_id") or run_id)
     if ckpt_uri:
         tracker.set_tags({"final_checkpoint": ckpt_uri})
@@ -154,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         result = run(cfg)

@@ -259,7 +259,7 @@ def _with_retries(cfg: S3Config, op: str, uri: str, fn: Callable[[], T]) -> T:
                 cfg.max_attempts,
                 delay,
             )
-            time.sleep(delay * (0.5 + random.random()))  # noqa: S311 (jitter, not crypto)
+            time.sleep(delay * (0.5 + random.random()))
             delay = min(delay * 2, 20.0)
     raise AssertionError("unreachable")  # pragma: no cover
 

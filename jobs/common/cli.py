@@ -38,7 +38,9 @@ def _defaults(cls: type[Any], prefix: str = "") -> list[tuple[str, str]]:
             value = f.default_factory()
         else:
             value = "(required)"
-        rows.append((name, "''" if value == "" else repr(value) if isinstance(value, str) else str(value)))
+        rows.append(
+            (name, "''" if value == "" else repr(value) if isinstance(value, str) else str(value))
+        )
     return rows
 
 

@@ -41,7 +41,7 @@ def init_ray(address: str = "") -> None:
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     runtime_env = {"env_vars": env} if env and target else None
     ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
-    log.info("Ray %s: %s", "joined" if target else "started locally", ray.cluster_resources())
+    log.info("Ray %s at %s", "joined" if target else "started", target or "this machine")
 
 
 def storage_filesystem(uri: str, s3: storage.S3Config) -> tuple[Any, str]:

@@ -79,9 +79,9 @@ class _ScrubbingFilter(logging.Filter):
 
 def install_log_scrubber() -> None:
     """Scrub secret values from every record that reaches the root logger's handlers."""
-    root = logging.getLogger()
-    for handler in root.handlers or [logging.lastResort]:
-        if handler is not None and not any(
-            isinstance(f, _ScrubbingFilter) for f in handler.filters
-        ):
+    handlers = list(logging.getLogger().handlers)
+    if logging.lastResort is not None:
+        handlers.append(logging.lastResort)
+    for handler in handlers:
+        if not any(isinstance(f, _ScrubbingFilter) for f in handler.filters):
             handler.addFilter(_ScrubbingFilter())

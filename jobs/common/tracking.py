@@ -204,7 +204,7 @@ class Tracker:
                 self._ensure_run(client)
                 self._drain(client)
                 self._recovered()
-                if closing:  # close() was called and everything pushed before it is delivered
+                if closing and self._run_id is not None:  # all pushed before close() is sent
                     client.set_terminated(self._run_id, status=self._status)
                     return
             except Exception as exc:

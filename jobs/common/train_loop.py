@@ -120,6 +120,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     scheduler = cosine_schedule(optimizer, optim_cfg)
 
     progress = Progress(mlflow_run_id=plan.mlflow_run_id)
+    source = ""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
@@ -130,10 +131,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         progress = _restore(folder, model, loss, optimizer, scheduler)
         source = cfg.checkpoint.resume_from
     if rank == 0 and progress.step:
-        print(f"resumed at step {progress.step} (epoch {progress.epoch + 1}) from {source}", flush=True)
+        print(
+            f"resumed at step {progress.step} (epoch {progress.epoch + 1}) from {source}",
+            flush=True,
+        )
 
     loss.to(device)
-    model = ray_torch.prepare_model(model)
+    tokenizer = model.tokenizer
+    ddp_model = ray_torch.prepare_model(model)
     decode_cfg = DecodeConfig.from_model(mcfg)
 
     def make_loader(shards: list[ShardInfo], *, train: bool) -> ShardLoader:
@@ -145,7 +150,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             seed=cfg.seed,
             open_shard=_open_shard(s3),
             decode=_decoder(decode_cfg, train=train),
-            collate=lambda items: collate(items, model.module.tokenizer if world > 1 else model.tokenizer),
+            collate=lambda items: collate(items, tokenizer),
             shuffle_buffer=cfg.data.shuffle_buffer if train else 1,
             decode_threads=cfg.data.decode_threads,
             prefetch_batches=cfg.data.prefetch_batches,
@@ -165,11 +170,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             return {}
         batches = make_loader(plan.eval_shards, train=False).epoch(0)
         limit = cfg.data.eval_max_batches or None
-        metrics = {f"eval_{k}": v for k, v in evaluate(model, batches, max_batches=limit).items()}
+        metrics = {
+            f"eval_{k}": v for k, v in evaluate(ddp_model, batches, max_batches=limit).items()
+        }
         if tracker is not None:
             tracker.log_metrics(metrics, step=step)
             print(
-                f"eval at step {step}: text->(video+audio) R@1 {metrics.get('eval_volume_t2i_r1', 0):.1f}"
+                f"eval at step {step}: text->(video+audio) R@1 "
+                f"{metrics.get('eval_volume_t2i_r1', 0):.1f}"
                 f" (cosine text->video {metrics.get('eval_cosine_video_t2i_r1', 0):.1f},"
                 f" text->audio {metrics.get('eval_cosine_audio_t2i_r1', 0):.1f})",
                 flush=True,
@@ -178,14 +186,19 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     def checkpoint_and_report(step: int, metrics: dict[str, Any], *, save: bool) -> None:
         progress.mlflow_run_id = (tracker.run_id if tracker else None) or progress.mlflow_run_id
-        metrics = {**metrics, "step": step, "epoch": progress.epoch, "mlflow_run_id": progress.mlflow_run_id}
+        metrics = {
+            **metrics,
+            "step": step,
+            "epoch": progress.epoch,
+            "mlflow_run_id": progress.mlflow_run_id,
+        }
         if not save:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="gram-ckpt-") as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint_dir(Path(tmp), model, loss, optimizer, scheduler, progress, cfg)
+                save_checkpoint_dir(Path(tmp), ddp_model, loss, optimizer, scheduler, progress, cfg)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
@@ -195,12 +208,22 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     while step < plan.total_steps:
         skip = progress.epoch_step * cfg.data.batch_size
         for batch in loader.epoch(progress.epoch, skip=skip):
-            stats = train_step(model, loss, optimizer, batch, scheduler=scheduler, grad_clip=optim_cfg.grad_clip)
+            stats = train_step(
+                ddp_model,
+                loss,
+                optimizer,
+                batch,
+                scheduler=scheduler,
+                grad_clip=optim_cfg.grad_clip,
+            )
             step += 1
             progress.step, progress.epoch_step = step, progress.epoch_step + 1
             progress.samples_seen += len(batch["keys"]) * world
             if audit is not None:
-                audit.write(json.dumps({"step": step, "epoch": progress.epoch, "keys": batch["keys"]}) + "\n")
+                audit.write(
+                    json.dumps({"step": step, "epoch": progress.epoch, "keys": batch["keys"]})
+                    + "\n"
+                )
                 audit.flush()
             if step % cfg.log_every_steps == 0 or step == plan.total_steps:
                 now = time.perf_counter()
@@ -209,7 +232,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 shown = _global_mean(stats, device)
                 rate = line.rate(step)
                 if tracker is not None:
-                    tracker.log_metrics({**shown, "samples_per_s": rate, "data_wait": wait}, step=step)
+                    tracker.log_metrics(
+                        {**shown, "samples_per_s": rate, "data_wait": wait}, step=step
+                    )
                     print(line.line(step, progress.epoch, shown, rate, wait), flush=True)
             if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
                 run_eval(step)

@@ -154,7 +154,9 @@ def save_checkpoint_dir(
     from gram.weights import save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(folder / "model.safetensors", model, loss, metadata={"step": str(progress.step)})
+    save_checkpoint(
+        folder / "model.safetensors", model, loss, metadata={"step": str(progress.step)}
+    )
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -198,7 +200,10 @@ def download_checkpoint(uri: str, s3: S3Config) -> Path:
 
 
 class ProgressLine:
-    """`step 120/400 (30%) epoch 1/2 | loss 1.23 tau 0.061 | 85 samples/s | data wait 3% | ETA 3m12s`."""
+    """One progress line per logging step, e.g.
+
+    `step 120/400 (30%) epoch 1/2 | loss 1.23 tau 0.061 | 85 samples/s | data wait 3% | ETA 3m12s`
+    """
 
     def __init__(self, total_steps: int, epochs: int, global_batch: int, start_step: int) -> None:
         self.total = total_steps
@@ -221,7 +226,8 @@ class ProgressLine:
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.total - step)
         return (
-            f"step {step}/{self.total} ({100 * step / self.total:.0f}%) epoch {epoch + 1}/{self.epochs}"
+            f"step {step}/{self.total} ({100 * step / self.total:.0f}%)"
+            f" epoch {epoch + 1}/{self.epochs}"
             f" | loss {stats.get('loss', float('nan')):.4f} tau {stats.get('temperature', 0):.4f}"
             f" lr {stats.get('lr', 0):.2e} | {rate:.1f} samples/s | data wait {100 * wait:.0f}%"
             f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s"
