@@ -64,7 +64,11 @@ def read_shards(uri: str, s3: storage.S3Config) -> tuple[list[ShardInfo], str]:
 def _resumed_run_id(cfg: TrainConfig, s3: storage.S3Config) -> str:
     """The MLflow run of an earlier attempt with this name, from its latest checkpoint."""
     run_dir = storage.join(cfg.checkpoint.storage, cfg.name)
-    states = [f for f in storage.list_files(run_dir, s3=s3) if f.uri.endswith("/state.json")]
+    try:
+        files = storage.list_files(run_dir, s3=s3)
+    except storage.StorageNotFoundError:
+        return ""
+    states = [f for f in files if f.uri.endswith("/state.json")]
     if not states:
         return ""
     latest = max(states, key=lambda f: f.uri)

@@ -38,9 +38,10 @@ def init_ray(address: str = "") -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or None
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
-    runtime_env = {"env_vars": env} if env and target else None
-    ray.init(address=target, runtime_env=runtime_env, log_to_driver=True)
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)} if target else {}
+    # Worker prints go to the driver once (Ray Train would also copy them to its logger).
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    ray.init(address=target, runtime_env={"env_vars": env}, log_to_driver=True)
     log.info("Ray %s at %s", "joined" if target else "started", target or "this machine")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import tempfile
 import time
@@ -33,6 +34,9 @@ from jobs.common.training import (
 )
 
 log = logging.getLogger("gram.train")
+
+_REPORTED = {"loss", "temperature", "lr", "positive_volume", "negative_volume"}
+"""What goes to Ray Train with each report (everything goes to MLflow)."""
 
 
 @dataclass
@@ -89,6 +93,7 @@ def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, fl
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train entry: `payload` = {"config": TrainConfig as dict, "plan": RunPlan}."""
+    import ray
     import ray.train
     import ray.train.torch as ray_torch
 
@@ -111,10 +116,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         learn_temperature=cfg.loss.learn_temperature,
         label_smoothing=cfg.loss.label_smoothing,
     )
+    schedule = cfg.schedule_steps or plan.total_steps
     optim_cfg = replace(
-        cfg.optim,
-        total_steps=plan.total_steps,
-        warmup_steps=min(cfg.optim.warmup_steps, plan.total_steps),
+        cfg.optim, total_steps=schedule, warmup_steps=min(cfg.optim.warmup_steps, schedule)
     )
     optimizer = build_optimizer(model, loss, optim_cfg)
     scheduler = cosine_schedule(optimizer, optim_cfg)
@@ -130,6 +134,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         folder = download_checkpoint(cfg.checkpoint.resume_from, s3)
         progress = _restore(folder, model, loss, optimizer, scheduler)
         source = cfg.checkpoint.resume_from
+    # The MLflow run is this run's (the driver's), also when starting from another run's checkpoint.
+    progress.mlflow_run_id = plan.mlflow_run_id or progress.mlflow_run_id
     if rank == 0 and progress.step:
         print(
             f"resumed at step {progress.step} (epoch {progress.epoch + 1}) from {source}",
@@ -162,8 +168,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         tracker = Tracker(cfg.tracking, run_id=progress.mlflow_run_id or None, run_name=cfg.name)
     audit = None
     if cfg.data.audit_dir:
-        Path(cfg.data.audit_dir).mkdir(parents=True, exist_ok=True)
-        audit = (Path(cfg.data.audit_dir) / f"rank{rank}.jsonl").open("a")
+        folder = Path(cfg.data.audit_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        start = {
+            "rank": rank,
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "step": progress.step,
+        }
+        with (folder / "starts.jsonl").open("a") as fh:
+            fh.write(json.dumps(start) + "\n")
+        audit = (folder / f"rank{rank}.jsonl").open("a")
 
     def run_eval(step: int) -> dict[str, float]:
         if not plan.eval_shards:
@@ -186,12 +201,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     def checkpoint_and_report(step: int, metrics: dict[str, Any], *, save: bool) -> None:
         progress.mlflow_run_id = (tracker.run_id if tracker else None) or progress.mlflow_run_id
-        metrics = {
-            **metrics,
-            "step": step,
-            "epoch": progress.epoch,
-            "mlflow_run_id": progress.mlflow_run_id,
-        }
+        metrics = {k: v for k, v in metrics.items() if k in _REPORTED or k.endswith("_t2i_r1")}
+        metrics.update(step=step, epoch=progress.epoch, mlflow_run_id=progress.mlflow_run_id)
         if not save:
             ray.train.report(metrics)
             return

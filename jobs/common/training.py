@@ -99,7 +99,12 @@ class CheckpointSection:
 
 @dataclass
 class TrainConfig:
-    """`python -m jobs.train --config FILE key=value ...`; re-running the same name resumes."""
+    """`python -m jobs.train --config FILE key=value ...`; re-running the same name resumes.
+
+    Steps: `max_steps` (0 = epochs x steps per epoch) is where training stops;
+    `schedule_steps` (0 = the same) is the length of the learning-rate schedule,
+    e.g. to stop a run early and continue it later on the same schedule.
+    """
 
     name: str = "gram"
     model: str = "tiny"
@@ -113,6 +118,7 @@ class TrainConfig:
     s3: S3Config = field(default_factory=S3Config)
     epochs: int = 1
     max_steps: int = 0
+    schedule_steps: int = 0
     log_every_steps: int = 10
     report_every_steps: int = 50
     eval_every_steps: int = 0
@@ -122,7 +128,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        for key in ("max_steps", "eval_every_steps"):
+        for key in ("max_steps", "schedule_steps", "eval_every_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0 (0 = off/automatic)")
         for key in ("log_every_steps", "report_every_steps"):

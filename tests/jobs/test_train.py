@@ -1,0 +1,339 @@
+"""The training job on the real 2-node Ray cluster: data accounting, checkpoints, MLflow,
+S3, gradient equivalence, a killed worker, explicit resume and a restarted job.
+
+Every run is the real entry point (`python -m jobs.train`) in a subprocess that joins the
+session cluster (RAY_ADDRESS and the auth token come from the `ray_cluster` fixture).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from gram.synthetic import SyntheticClips
+from pipelines.sample_shards import write_sample_shards
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "jobs" / "configs" / "train.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    train = write_sample_shards(
+        SyntheticClips(48, seed=1), str(root / "train"), samples_per_shard=10
+    )
+    write_sample_shards(SyntheticClips(24, seed=2), str(root / "eval"), samples_per_shard=12)
+    return {"train": str(root / "train"), "eval": str(root / "eval"), "index": train}
+
+
+def _cmd(tmp: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "jobs.train",
+        "--config",
+        str(CONFIG),
+        f"checkpoint.storage={tmp / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        "log_every_steps=1",
+        *overrides,
+    ]
+
+
+def _train(tmp: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        _cmd(tmp, *overrides), cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return res
+
+
+def _final_checkpoint(output: str) -> Path:
+    line = next(x for x in output.splitlines() if x.strip().startswith("checkpoint:"))
+    return Path(line.split("checkpoint:", 1)[1].strip())
+
+
+def _run_id(output: str) -> str:
+    line = next(x for x in output.splitlines() if x.strip().startswith("MLflow run:"))
+    return line.split()[2]
+
+
+def _effective_keys(audit: Path) -> dict[int, list[str]]:
+    """Keys trained per epoch, with steps redone after a restart counted once (last wins)."""
+    per_step: dict[tuple[int, int], list[str]] = {}
+    for path in sorted(audit.glob("rank*.jsonl")):
+        rank = int(path.stem.removeprefix("rank"))
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            per_step[(rank, entry["step"])] = (entry["epoch"], entry["keys"])
+    epochs: dict[int, list[str]] = defaultdict(list)
+    for epoch, keys in per_step.values():
+        epochs[epoch] += keys
+    return dict(epochs)
+
+
+def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(checkpoint / "model.safetensors"))
+
+
+def test_two_workers_on_two_nodes_train_checkpoint_and_log(tmp_path, ray_cluster, shards):
+    res = _train(
+        tmp_path,
+        "name=local",
+        f"data.train={shards['train']}",
+        f"data.eval={shards['eval']}",
+        f"data.audit_dir={tmp_path / 'audit'}",
+        "data.batch_size=8",
+        "epochs=2",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=2",
+    )
+    starts = [json.loads(x) for x in (tmp_path / "audit" / "starts.jsonl").read_text().splitlines()]
+    assert sorted(s["rank"] for s in starts) == [0, 1]
+    assert len({s["node_id"] for s in starts}) == 2, "the two workers must run on two nodes"
+
+    epochs = _effective_keys(tmp_path / "audit")
+    assert sorted(epochs) == [0, 1]
+    for keys in epochs.values():  # 48 samples, 2 ranks: nothing to drop
+        assert len(keys) == len(set(keys)) == 48
+
+    ckpt = _final_checkpoint(res.stdout)
+    assert {"model.safetensors", "trainer.pt", "state.json"} <= {p.name for p in ckpt.iterdir()}
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["progress"]["step"] == 6  # 24 per rank / 8 = 3 steps x 2 epochs
+    kept = [p for p in (tmp_path / "runs" / "local").glob("checkpoint_*") if p.is_dir()]
+    assert 1 <= len(kept) <= 2  # keep=2
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(_run_id(res.stdout))
+    assert state["progress"]["mlflow_run_id"] == run.info.run_id
+    assert run.data.params["dataset_fingerprint"] == shards["index"]["input"]["fingerprint"]
+    assert run.data.params["data.batch_size"] == "8"
+    assert len(run.data.tags["git_commit"]) == 40
+    assert run.data.tags["final_checkpoint"] == str(ckpt)
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in losses] == list(range(1, 7))
+    for name in ("samples_per_s", "temperature", "positive_volume", "negative_volume", "lr"):
+        assert name in run.data.metrics, name
+    assert 0.0 <= run.data.metrics["eval_volume_t2i_r1"] <= 100.0
+    assert run.data.metrics["eval_num_items"] == 24  # 24 eval clips over 2 ranks: none dropped
+
+
+def test_shards_and_checkpoints_on_s3_with_an_mlflow_server(
+    tmp_path, ray_cluster, s3_server, mlflow_server
+):
+    bucket = s3_server.make_bucket("train-s3")
+    write_sample_shards(
+        SyntheticClips(32, seed=5), f"s3://{bucket}/shards/train", samples_per_shard=8
+    )
+    res = _train(
+        tmp_path,
+        "name=s3run",
+        f"data.train=s3://{bucket}/shards/train",
+        "data.eval=",
+        "data.batch_size=8",
+        "epochs=1",
+        "checkpoint.every_steps=1",
+        f"checkpoint.storage=s3://{bucket}/runs",
+        f"tracking.tracking_uri={mlflow_server.url}",
+        "tracking.experiment=s3",
+    )
+    uri = (
+        next(x for x in res.stdout.splitlines() if "checkpoint:" in x)
+        .split("checkpoint:")[1]
+        .strip()
+    )
+    assert uri.startswith(f"s3://{bucket}/runs/s3run/checkpoint_")
+    keys = {
+        o["Key"]
+        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="runs/s3run/")["Contents"]
+    }
+    prefix = uri.removeprefix(f"s3://{bucket}/")
+    assert {f"{prefix}/model.safetensors", f"{prefix}/trainer.pt", f"{prefix}/state.json"} <= keys
+    run = MlflowClient(tracking_uri=mlflow_server.url).get_run(_run_id(res.stdout))
+    assert run.data.tags["final_checkpoint"] == uri
+    assert run.data.metrics["loss"] > 0
+
+
+def test_two_workers_with_half_batches_equal_one_worker_with_the_whole_batch(tmp_path, ray_cluster):
+    data = tmp_path / "one-batch"
+    write_sample_shards(
+        SyntheticClips(16, seed=9, missing_audio=0.2), str(data), samples_per_shard=5
+    )
+    # AdamW's first step is lr * g / (|g| + eps): with a large eps it is ~ lr * g / eps, so the
+    # parameter change shows the gradient itself instead of amplifying rounding in tiny ones.
+    common = [
+        f"data.train={data}",
+        "data.eval=",
+        "max_steps=1",
+        "optim.warmup_steps=0",
+        "optim.lr=1.0",
+        "optim.eps=1.0",
+        "optim.weight_decay=0.0",
+    ]
+    one = _train(tmp_path / "w1", "name=w1", "scaling.workers=1", "data.batch_size=16", *common)
+    two = _train(tmp_path / "w2", "name=w2", "scaling.workers=2", "data.batch_size=8", *common)
+    w1, w2 = _weights(_final_checkpoint(one.stdout)), _weights(_final_checkpoint(two.stdout))
+    init = _weights_at_init()
+    assert set(w1) == set(w2)
+    moved = 0
+    for name, value in w1.items():
+        step_one, step_two = value - init[name], w2[name] - init[name]
+        torch.testing.assert_close(step_two, step_one, rtol=1e-4, atol=1e-7, msg=name)
+        moved += int(step_one.abs().max() > 1e-5)
+    assert moved > len(w1) // 2, "the step must actually change the parameters"
+
+
+def _weights_at_init() -> dict[str, torch.Tensor]:
+    from gram.model import build_model
+    from gram.model_config import model_config
+
+    torch.manual_seed(0)
+    state = {k: v.detach() for k, v in build_model(model_config("tiny")).state_dict().items()}
+    state["loss.log_temperature"] = torch.tensor(math.log(0.07))  # GramLoss's initial tau
+    return state
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended before {what}: {proc.stdout.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _max_step(audit_file: Path) -> int:
+    if not audit_file.exists():
+        return 0
+    lines = audit_file.read_text().splitlines()
+    return max((json.loads(x)["step"] for x in lines if x.endswith("}")), default=0)
+
+
+def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
+    tmp_path, ray_cluster, shards
+):
+    audit = tmp_path / "audit"
+    proc = subprocess.Popen(
+        _cmd(
+            tmp_path,
+            "name=fault",
+            f"data.train={shards['train']}",
+            "data.eval=",
+            f"data.audit_dir={audit}",
+            "data.batch_size=2",
+            "epochs=3",
+            "checkpoint.every_steps=4",
+            "max_failures=2",
+        ),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _max_step(audit / "rank1.jsonl") >= 6, 300, "step 6 on rank 1", proc)
+        victim = next(
+            json.loads(x)["pid"]
+            for x in (audit / "starts.jsonl").read_text().splitlines()
+            if json.loads(x)["rank"] == 1
+        )
+        os.kill(victim, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    starts = [json.loads(x) for x in (audit / "starts.jsonl").read_text().splitlines()]
+    restarted = [s for s in starts[2:]]
+    assert len(restarted) >= 2, "both ranks start again after the failure"
+    assert {s["step"] for s in restarted} <= {4, 8, 12} and min(s["step"] for s in restarted) >= 4
+    state = json.loads((_final_checkpoint(out) / "state.json").read_text())
+    assert state["progress"]["step"] == 36  # 24 per rank / 2 = 12 steps x 3 epochs
+    for keys in _effective_keys(audit).values():
+        assert len(keys) == len(set(keys)) == 48
+
+
+def test_explicit_resume_continues_the_step_count_and_the_schedule(tmp_path, ray_cluster, shards):
+    common = [
+        f"data.train={shards['train']}",
+        "data.eval=",
+        "data.batch_size=4",
+        "optim.warmup_steps=3",
+    ]
+    straight = _train(tmp_path, "name=straight", "max_steps=10", *common)
+    first = _train(tmp_path, "name=part1", "max_steps=5", "schedule_steps=10", *common)
+    second = _train(
+        tmp_path,
+        "name=part2",
+        "max_steps=10",
+        "schedule_steps=10",
+        f"checkpoint.resume_from={_final_checkpoint(first.stdout)}",
+        *common,
+    )
+    assert "resumed at step 5" in second.stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    lr_straight = {
+        m.step: m.value for m in client.get_metric_history(_run_id(straight.stdout), "lr")
+    }
+    lr_resumed = {m.step: m.value for m in client.get_metric_history(_run_id(second.stdout), "lr")}
+    assert sorted(lr_resumed) == list(range(6, 11))
+    for step, value in lr_resumed.items():
+        assert value == pytest.approx(lr_straight[step], rel=1e-9)
+    a, b = _weights(_final_checkpoint(straight.stdout)), _weights(_final_checkpoint(second.stdout))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_killed_job_started_again_with_the_same_name_resumes(tmp_path, ray_cluster, shards):
+    audit = tmp_path / "audit"
+    args = [
+        "name=restart",
+        f"data.train={shards['train']}",
+        "data.eval=",
+        f"data.audit_dir={audit}",
+        "data.batch_size=2",
+        "epochs=2",
+        "checkpoint.every_steps=4",
+    ]
+    proc = subprocess.Popen(
+        _cmd(tmp_path, *args),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: _max_step(audit / "rank0.jsonl") >= 9, 300, "step 9 on rank 0", proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    again = _train(tmp_path, *args)
+    resumed = [x for x in again.stdout.splitlines() if "resumed at step" in x]
+    assert resumed, again.stdout[-3000:]
+    assert (
+        int(resumed[0].split("resumed at step")[1].split()[0]) >= 4
+    )  # a step-4 or later checkpoint
+    state = json.loads((_final_checkpoint(again.stdout) / "state.json").read_text())
+    assert state["progress"]["step"] == 24
+    for keys in _effective_keys(audit).values():
+        assert len(keys) == len(set(keys)) == 48
