@@ -1,4 +1,4 @@
-"""Write ready-made samples (member suffix -> bytes) as shards + index.json in the pipeline's format.
+"""Write ready-made samples (member suffix -> bytes) as shards + index.json, as the pipeline does.
 
 For data that is already decoded into the shard contract, e.g. the synthetic
 tri-modal set of `gram.synthetic` (tests, smoke runs, benchmarks) or samples
