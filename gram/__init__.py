@@ -6,6 +6,8 @@ Public API:
     GramLoss, CosineInfoNCELoss, build_loss
     all_gather_with_grad, all_gather_no_grad
     retrieval_metrics, retrieval_ranks, rank_summary, score_matrix
+    class_embeddings, zero_shot_classify
+    ShardInfo, ShardLoader, plan_epoch (per-rank shard streaming)
 
 Model (see docs/model.md):
     ModelConfig, model_config(name), list_model_configs()
@@ -16,6 +18,7 @@ Model (see docs/model.md):
 """
 
 from gram import retrieval
+from gram.classification import ClassificationResult, class_embeddings, zero_shot_classify
 from gram.data import (
     Collator,
     DecodeConfig,
@@ -36,6 +39,7 @@ from gram.model import (
 )
 from gram.model_config import ModelConfig, list_model_configs, model_config
 from gram.retrieval import rank_summary, retrieval_metrics, retrieval_ranks, score_matrix
+from gram.shards import ShardInfo, ShardLoader, plan_epoch
 from gram.synthetic import SyntheticClips
 from gram.train import (
     OptimConfig,
@@ -50,6 +54,7 @@ from gram.weights import load_checkpoint, load_weights, save_checkpoint
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClassificationResult",
     "Collator",
     "CosineInfoNCELoss",
     "DecodeConfig",
@@ -59,6 +64,8 @@ __all__ = [
     "OptimConfig",
     "SampleDecoder",
     "SampleError",
+    "ShardInfo",
+    "ShardLoader",
     "SyntheticClips",
     "__version__",
     "all_gather_no_grad",
@@ -66,6 +73,7 @@ __all__ = [
     "build_loss",
     "build_model",
     "build_optimizer",
+    "class_embeddings",
     "collate",
     "cosine_schedule",
     "count_parameters",
@@ -78,6 +86,7 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "model_config",
+    "plan_epoch",
     "rank_summary",
     "retrieval",
     "retrieval_metrics",
@@ -87,4 +96,5 @@ __all__ = [
     "train_step",
     "volume",
     "volume_matrix",
+    "zero_shot_classify",
 ]
