@@ -86,7 +86,8 @@ def run(cfg: TrainConfig) -> TrainResult:
     shards, fingerprint = read_shards(cfg.data.train, s3)
     eval_shards = read_shards(cfg.data.eval, s3)[0] if cfg.data.eval else []
     total = sum(s.count for s in shards)
-    per_epoch = steps_per_epoch(total, cfg.scaling.workers, cfg.data.batch_size)
+    batches = steps_per_epoch(total, cfg.scaling.workers, cfg.data.batch_size)
+    per_epoch = -(-batches // cfg.optim.accumulation_steps)
     if per_epoch < 1:
         raise ConfigError(
             f"{total} training samples are too few for {cfg.scaling.workers} workers: "
@@ -110,7 +111,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     run_id = tracker.wait_for_run(timeout=15) or ""
     print(
         f"training {cfg.model!r} on {total} samples in {len(shards)} shards: "
-        f"{per_epoch} steps/epoch x "
+        f"{per_epoch} steps/epoch (of {cfg.optim.accumulation_steps} micro-batch(es)) x "
         f"{cfg.epochs} epoch(s) -> {total_steps} steps, {cfg.scaling.workers} worker(s) x batch "
         f"{cfg.data.batch_size}",
         flush=True,
@@ -159,9 +160,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     return TrainResult(int(metrics.get("step", 0)), ckpt_uri, run_id, tracker.uri, metrics, seconds)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gram train",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help(TrainConfig),
@@ -170,8 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.train") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

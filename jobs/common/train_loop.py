@@ -8,6 +8,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,18 @@ def _restore(folder: Path, model: Any, loss: Any, optimizer: Any, scheduler: Any
     torch.set_rng_state(state["rng_torch"])
     random.setstate(state["rng_python"])
     return from_dict(Progress, state["progress"])
+
+
+def _grouped(batches: Iterator[Any], n: int) -> Iterator[list[Any]]:
+    """Micro-batches in groups of `n` (the last group may be shorter): one optimizer step each."""
+    group: list[Any] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -213,27 +226,29 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
-    line = ProgressLine(plan.total_steps, cfg.epochs, cfg.data.batch_size * world, progress.step)
+    accum = optim_cfg.accumulation_steps
+    global_batch = cfg.data.batch_size * world * accum
+    line = ProgressLine(plan.total_steps, cfg.epochs, global_batch, progress.step)
     step, stats, last_saved = progress.step, {}, progress.step
     wait_mark, time_mark = loader.wait_seconds, time.perf_counter()
     while step < plan.total_steps:
-        skip = progress.epoch_step * cfg.data.batch_size
-        for batch in loader.epoch(progress.epoch, skip=skip):
+        skip = progress.epoch_step * accum * cfg.data.batch_size
+        for micro in _grouped(loader.epoch(progress.epoch, skip=skip), accum):
             stats = train_step(
                 ddp_model,
                 loss,
                 optimizer,
-                batch,
+                micro,
                 scheduler=scheduler,
                 grad_clip=optim_cfg.grad_clip,
             )
+            keys = [k for mb in micro for k in mb["keys"]]
             step += 1
             progress.step, progress.epoch_step = step, progress.epoch_step + 1
-            progress.samples_seen += len(batch["keys"]) * world
+            progress.samples_seen += len(keys) * world
             if audit is not None:
                 audit.write(
-                    json.dumps({"step": step, "epoch": progress.epoch, "keys": batch["keys"]})
-                    + "\n"
+                    json.dumps({"step": step, "epoch": progress.epoch, "keys": keys}) + "\n"
                 )
                 audit.flush()
             if step % cfg.log_every_steps == 0 or step == plan.total_steps:

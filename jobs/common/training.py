@@ -101,9 +101,11 @@ class CheckpointSection:
 class TrainConfig:
     """`python -m jobs.train --config FILE key=value ...`; re-running the same name resumes.
 
-    Steps: `max_steps` (0 = epochs x steps per epoch) is where training stops;
-    `schedule_steps` (0 = the same) is the length of the learning-rate schedule,
-    e.g. to stop a run early and continue it later on the same schedule.
+    Steps are optimizer steps of `optim.accumulation_steps` micro-batches of
+    `data.batch_size` per worker. `max_steps` (0 = epochs x steps per epoch) is
+    where training stops; `schedule_steps` (0 = the same) is the length of the
+    learning-rate schedule (it sets `optim.total_steps`), e.g. to stop a run
+    early and continue it later on the same schedule.
     """
 
     name: str = "gram"
