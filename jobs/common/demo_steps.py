@@ -1,0 +1,158 @@
+"""The demo's steps, each skipped when it already finished with the same settings.
+
+A finished step leaves `<output>/.done/<step>.json` holding the settings hash
+and what it produced; a step whose marker matches is not run again.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from gram.config import from_dict
+from jobs.common.raycluster import init_ray
+from pipelines.synthetic import demo_specs, make_clip, write_jsonl
+
+RENDERINGS = {
+    # Two training renderings and a held-out one: same 96 combinations, other sizes,
+    # frame rates and durations, so evaluation sees clips the model never trained on.
+    "train_a": {"width": 160, "height": 120, "fps": 10.0, "duration": 2.0},
+    "train_b": {"width": 128, "height": 96, "fps": 15.0, "duration": 2.4},
+    "eval": {"width": 192, "height": 144, "fps": 12.0, "duration": 1.6},
+}
+
+
+class DemoSteps:
+    """Runs the demo's steps under `root`; `settings` is the hash of the demo config."""
+
+    def __init__(self, root: Path, settings: str) -> None:
+        self.root = root
+        self.settings = settings
+        self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+        root.mkdir(parents=True, exist_ok=True)
+
+    def _done(self, step: str, extra: str = "") -> dict[str, Any] | None:
+        marker = self.root / ".done" / f"{step}.json"
+        if not marker.is_file():
+            return None
+        data: dict[str, Any] = json.loads(marker.read_text())
+        if data.get("settings") != self.settings + extra:
+            return None
+        print(f"[demo] {step}: already done, reusing {data.get('what', '')}", flush=True)
+        return data
+
+    def _finish(self, step: str, result: dict[str, Any], extra: str = "") -> dict[str, Any]:
+        folder = self.root / ".done"
+        folder.mkdir(exist_ok=True)
+        data = {**result, "settings": self.settings + extra}
+        (folder / f"{step}.json").write_text(json.dumps(data, indent=2))
+        return data
+
+    def make_clips(self) -> dict[str, str]:
+        """The clip renderings and their caption manifests -> {rendering: manifest path}."""
+        if (done := self._done("clips")) is not None:
+            return dict(done["manifests"])
+        print("[demo] 1/5 making tri-modal clips with ffmpeg ...", flush=True)
+        jobs = []
+        manifests: dict[str, str] = {}
+        for name, size in RENDERINGS.items():
+            folder = self.root / "clips" / name
+            rows = []
+            for i, (spec, captions) in enumerate(demo_specs(**size)):
+                clip = folder / f"{name}_{i:03d}.mp4"
+                jobs.append((spec, clip))
+                rows.append({"id": f"{name}_{i:03d}", "video": clip.name, "captions": captions})
+            manifests[name] = str(write_jsonl(rows, folder / "captions.jsonl"))
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(lambda job: make_clip(*job), jobs))
+        print(f"[demo]     {len(jobs)} clips in {self.root / 'clips'}", flush=True)
+        return dict(
+            self._finish("clips", {"manifests": manifests, "what": f"{len(jobs)} clips"})[
+                "manifests"
+            ]
+        )
+
+    def preprocess(self, manifests: dict[str, str]) -> dict[str, str]:
+        """Shards of the training renderings and of the evaluation rendering."""
+        from jobs.preprocess import run as preprocess_run
+        from pipelines.config import PreprocessConfig
+
+        if (done := self._done("shards")) is not None:
+            return dict(done["shards"])
+        print("[demo] 2/5 preprocessing with Ray Data ...", flush=True)
+        init_ray()  # one local Ray for every step
+        combined = self.root / "clips" / "train.jsonl"
+        rows = []
+        for name in ("train_a", "train_b"):
+            for line in Path(manifests[name]).read_text().splitlines():
+                row = json.loads(line)
+                row["video"] = str(Path(manifests[name]).parent / row["video"])
+                rows.append(row)
+        write_jsonl(rows, combined)
+        shards = {
+            "train": str(self.root / "shards" / "train"),
+            "eval": str(self.root / "shards" / "eval"),
+        }
+        for split, manifest in (("train", str(combined)), ("eval", manifests["eval"])):
+            cfg = from_dict(
+                PreprocessConfig,
+                {
+                    "input": manifest,
+                    "output": shards[split],
+                    "frames": {"num_segments": 4, "frames_per_segment": 2, "size": 64},
+                    "audio": {"max_seconds": 2.0},
+                    "shards": {"samples_per_shard": 64},
+                },
+            )
+            summary = preprocess_run(cfg)
+            print(
+                f"[demo]     {split}: {summary.ok} ok, {summary.failed} failed -> {shards[split]}",
+                flush=True,
+            )
+        return dict(
+            self._finish("shards", {"shards": shards, "what": str(self.root / "shards")})["shards"]
+        )
+
+    def train(self, shards: dict[str, str], demo: dict[str, Any]) -> str:
+        """Train with 2 Ray Train workers; returns the final checkpoint folder."""
+        from jobs.common.training import TrainConfig
+        from jobs.train import run as train_run
+
+        if (done := self._done("train")) is not None:
+            return str(done["checkpoint"])
+        print("[demo] 3/5 training with Ray Train ...", flush=True)
+        cfg = from_dict(
+            TrainConfig,
+            {
+                "name": "demo",
+                "model": demo["model"],
+                "data": {
+                    "train": shards["train"],
+                    "eval": shards["eval"],
+                    "batch_size": demo["batch_size"],
+                },
+                "loss": {"kind": "gram", "label_smoothing": 0.1},
+                "optim": {"lr": 2e-3, "warmup_steps": 30, "weight_decay": 0.05},
+                "epochs": 1_000,
+                "max_steps": demo["train_steps"],
+                "scaling": {"workers": demo["workers"]},
+                "checkpoint": {"storage": str(self.root / "runs"), "every_steps": 100, "keep": 2},
+                "tracking": {"tracking_uri": self.tracking_uri, "experiment": "gram-demo"},
+                "log_every_steps": 25,
+                "report_every_steps": 100,
+                "seed": demo["seed"],
+            },
+        )
+        result = train_run(cfg)
+        return str(
+            self._finish(
+                "train",
+                {
+                    "checkpoint": result.checkpoint_uri,
+                    "run_id": result.mlflow_run_id,
+                    "what": result.checkpoint_uri,
+                },
+            )["checkpoint"]
+        )
