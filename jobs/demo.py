@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m jobs.demo") -> in
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2), file=open(Path(cfg.output) / "summary.json", "w"))
+    (Path(cfg.output) / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
 
 
