@@ -126,6 +126,8 @@ class ExecutionConfig:
     """CPUs declared by each clip task; 0 = the largest need declared by the stages (1)."""
     clips_per_task: int = 4
     """Clips per Ray task: fewer = finer load balancing, more = less overhead."""
+    clips_per_dataset: int = 10_000
+    """Clips per Ray Data dataset (run one after another): bounds the driver's memory."""
     ffmpeg_threads: int = 1
     """Decoder/filter threads per ffmpeg process."""
     clip_timeout_s: float = 300.0
@@ -141,6 +143,7 @@ class ExecutionConfig:
         _check(self.local_num_cpus >= 0, "execution.local_num_cpus", "must be >= 0")
         _check(self.cpus_per_task >= 0, "execution.cpus_per_task", "must be >= 0")
         _check(self.clips_per_task >= 1, "execution.clips_per_task", "must be >= 1")
+        _check(self.clips_per_dataset >= 1, "execution.clips_per_dataset", "must be >= 1")
         _check(self.ffmpeg_threads >= 1, "execution.ffmpeg_threads", "must be >= 1")
         _check(self.clip_timeout_s > 0, "execution.clip_timeout_s", "must be > 0 seconds")
         _check(

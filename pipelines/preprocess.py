@@ -26,7 +26,7 @@ from pipelines.writer import (
     ShardAssembler,
     ShardState,
     check_run_file,
-    load_states,
+    finished_shards,
     write_index,
     write_manifest,
 )
@@ -151,7 +151,8 @@ def preprocess(config: PreprocessConfig, executor: Executor) -> Summary:
     output = config.output.rstrip("/") if storage.is_s3(config.output) else config.output
     storage.remove_stale_temp_files(output)
     resumed = check_run_file(output, _run_record(config, items), s3=s3)
-    done = load_states(output, config.shards.prefix, s3=s3) if resumed else {}
+    prefix = config.shards.prefix
+    done = finished_shards(output, prefix, s3=s3) & set(members) if resumed else set()
     todo = {s: idx for s, idx in members.items() if s not in done}
     log.info(
         "%d inputs in %d shards: %d already done, %d to do",
@@ -161,9 +162,7 @@ def preprocess(config: PreprocessConfig, executor: Executor) -> Summary:
         len(todo),
     )
 
-    assembler = ShardAssembler(
-        output, config.shards.prefix, todo, s3=s3, spool_dir=config.execution.spool_dir
-    )
+    assembler = ShardAssembler(output, prefix, todo, s3=s3, spool_dir=config.execution.spool_dir)
     work: list[InputItem] = []
     progress = _Progress(sum(len(v) for v in todo.values()), config.execution.progress_interval_s)
     try:
@@ -187,48 +186,44 @@ def preprocess(config: PreprocessConfig, executor: Executor) -> Summary:
     finally:
         assembler.close()
 
-    states = {**done, **assembler.finished}
-    rows = [row for s in sorted(states) for row in states[s].rows]
-    reasons = Counter(r["reason"] for r in rows if r["status"] != "ok")
+    manifest_uri, totals = write_manifest(
+        output, prefix, sorted(members), s3=s3, spool_dir=config.execution.spool_dir
+    )
+    written = {s.name for s in assembler.finished.values() if s.name}
     summary = Summary(
         output=output,
         inputs=len(items),
-        ok=len(rows) - sum(reasons.values()),
-        failed=sum(reasons.values()),
-        failed_by_reason=dict(sorted(reasons.items())),
+        ok=totals.ok,
+        failed=totals.failed,
+        failed_by_reason=totals.failed_by_reason,
         processed=progress.done,
-        shards=sum(1 for s in states.values() if s.name),
-        shards_written=sum(1 for s in assembler.finished.values() if s.name),
-        shards_skipped=sum(1 for s in done.values() if s.name),
+        shards=len(totals.shards),
+        shards_written=len(written),
+        shards_skipped=len(totals.shards) - len(written),
         bytes_written=assembler.bytes_written,
+        manifest_uri=manifest_uri,
     )
-    summary.manifest_uri = write_manifest(output, rows, s3=s3)
     summary.seconds = time.monotonic() - started
     summary.clips_per_s = progress.done / max(summary.seconds, 1e-9)
     rate = summary.failed / max(1, summary.inputs)
     if rate > config.execution.max_failure_rate:
-        top = ", ".join(f"{k} {v}" for k, v in reasons.most_common(5))
+        top = ", ".join(f"{k} {v}" for k, v in Counter(totals.failed_by_reason).most_common(5))
         raise FailureRateError(
             f"{summary.failed} of {summary.inputs} inputs failed ({rate:.0%} > "
             f"execution.max_failure_rate {config.execution.max_failure_rate:.0%}); top reasons: "
             f"{top}. No index.json written; see {summary.manifest_uri} for each input's error.",
             summary,
         )
-    summary.index_uri = write_index(output, _index(config, items, states, summary), s3=s3)
+    summary.index_uri = write_index(output, _index(config, items, totals.shards, summary), s3=s3)
     return summary
 
 
 def _index(
     config: PreprocessConfig,
     items: list[InputItem],
-    states: dict[int, ShardState],
+    shards: list[dict[str, Any]],
     summary: Summary,
 ) -> dict[str, Any]:
-    shards = [
-        {"name": s.name, "samples": s.samples, "bytes": s.bytes, "sha256": s.sha256}
-        for _, s in sorted(states.items())
-        if s.name
-    ]
     public = config.public()
     return {
         "format": "webdataset",

@@ -227,11 +227,13 @@ _RETRYABLE_CODES = {
 
 
 def _retryable(exc: BaseException) -> bool:
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     if isinstance(exc, ClientError):
         return _error_code(exc) in _RETRYABLE_CODES or _status(exc) >= 500
-    return isinstance(exc, BotoCoreError | ConnectionError | TimeoutError)
+    # upload_file wraps the underlying error (connection lost, 5xx) in S3UploadFailedError.
+    return isinstance(exc, BotoCoreError | S3UploadFailedError | ConnectionError | TimeoutError)
 
 
 def _with_retries(cfg: S3Config, op: str, uri: str, fn: Callable[[], T]) -> T:

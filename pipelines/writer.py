@@ -18,6 +18,7 @@ import json
 import shutil
 import tempfile
 import typing
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,9 +34,11 @@ __all__ = [
     "OutputConflictError",
     "ShardAssembler",
     "ShardState",
+    "Totals",
     "check_run_file",
-    "load_states",
+    "finished_shards",
     "read_index",
+    "read_state",
     "shard_uris",
     "state_uri",
     "write_index",
@@ -139,22 +142,27 @@ def _diff(old: Any, new: Any, where: str = "") -> list[str]:
     return [] if old == new else [f"{where}: was {old!r}, now {new!r}"]
 
 
-def load_states(output: str, prefix: str, *, s3: S3Config | None) -> dict[int, ShardState]:
-    """Every committed shard state in `output`, by shard index."""
+def finished_shards(output: str, prefix: str, *, s3: S3Config | None) -> set[int]:
+    """Indices of the shards committed in `output` (those with a state file)."""
     folder = storage.join(output, STATE_DIR)
     try:
         files = storage.list_files(folder, s3=s3, suffixes=(".json",))
     except storage.StorageNotFoundError:
-        return {}
-    states: dict[int, ShardState] = {}
+        return set()
+    done = set()
     for f in files:
-        name = f.uri.rsplit("/", 1)[-1]
-        stem = name[: -len(".json")]
+        stem = f.uri.rsplit("/", 1)[-1][: -len(".json")]
         head, _, number = stem.rpartition("-")
-        if head != prefix or not number.isdigit():
-            continue
-        states[int(number)] = ShardState.from_json(json.loads(storage.read_bytes(f.uri, s3=s3)))
-    return states
+        if head == prefix and number.isdigit():
+            done.add(int(number))
+    return done
+
+
+def read_state(output: str, prefix: str, index: int, *, s3: S3Config | None) -> ShardState:
+    """The committed state of shard `index`."""
+    return ShardState.from_json(
+        json.loads(storage.read_bytes(state_uri(output, prefix, index), s3=s3))
+    )
 
 
 class ShardAssembler:
@@ -228,7 +236,9 @@ class ShardAssembler:
         storage.put_bytes(
             state_uri(self.output, self.prefix, shard), json_bytes(state.to_json()), s3=self.s3
         )
-        self.finished[shard] = state
+        self.finished[shard] = ShardState(
+            index=shard, name=name, samples=len(spans), bytes=size, sha256=digest
+        )  # rows live in the state file
         return state
 
     def close(self) -> None:
@@ -256,21 +266,59 @@ def _assemble(spool: BinaryIO, spans: list[tuple[int, int]], dest: Path) -> tupl
     return total, digest.hexdigest()
 
 
-def write_manifest(output: str, rows: Iterable[dict[str, Any]], *, s3: S3Config | None) -> str:
-    """Write `manifest.parquet` (rows in input order); returns its URI."""
+@dataclass
+class Totals:
+    """What the committed shards hold, gathered while writing the manifest."""
+
+    ok: int = 0
+    failed: int = 0
+    failed_by_reason: dict[str, int] = field(default_factory=dict)
+    shards: list[dict[str, Any]] = field(default_factory=list)
+    """index.json entries (name, samples, bytes, sha256) of the shards that have a tar."""
+
+
+def write_manifest(
+    output: str,
+    prefix: str,
+    shards: Iterable[int],
+    *,
+    s3: S3Config | None,
+    spool_dir: str | None = None,
+) -> tuple[str, Totals]:
+    """Write `manifest.parquet` from the state files of `shards` (ascending), one shard in
+    memory at a time; returns its URI and the totals."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pa.schema([pa.field(n, pa.type_for_alias(t)) for n, t in MANIFEST_SCHEMA_FIELDS])
-    ordered = sorted(rows, key=lambda r: r["index"])
-    table = pa.Table.from_pylist(
-        [{n: r.get(n) for n, _ in MANIFEST_SCHEMA_FIELDS} for r in ordered], schema=schema
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    uri = storage.join(output, MANIFEST_FILE)
-    storage.put_bytes(uri, buf.getvalue(), s3=s3)
-    return uri
+    totals = Totals()
+    reasons: Counter[str] = Counter()
+    with tempfile.TemporaryDirectory(prefix="gram-manifest-", dir=spool_dir or None) as tmp:
+        local = Path(tmp) / MANIFEST_FILE
+        with pq.ParquetWriter(local, schema, compression="zstd") as out:
+            for index in shards:
+                state = read_state(output, prefix, index, s3=s3)
+                rows = [{n: r.get(n) for n, _ in MANIFEST_SCHEMA_FIELDS} for r in state.rows]
+                out.write_table(pa.Table.from_pylist(rows, schema=schema))
+                for row in state.rows:
+                    if row["status"] == "ok":
+                        totals.ok += 1
+                    else:
+                        reasons[row["reason"]] += 1
+                if state.name:
+                    totals.shards.append(
+                        {
+                            "name": state.name,
+                            "samples": state.samples,
+                            "bytes": state.bytes,
+                            "sha256": state.sha256,
+                        }
+                    )
+        uri = storage.join(output, MANIFEST_FILE)
+        storage.put_file(uri, local, s3=s3)
+    totals.failed = sum(reasons.values())
+    totals.failed_by_reason = dict(sorted(reasons.items()))
+    return uri, totals
 
 
 def read_index(output: str, *, s3: S3Config | None = None) -> dict[str, Any]:

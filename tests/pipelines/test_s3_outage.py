@@ -1,0 +1,171 @@
+"""The S3 endpoint goes away mid-run and comes back: retries carry the run through.
+
+A small TCP proxy stands between the pipeline and the real moto server; taking
+it down refuses and cuts every connection (what a restarting MinIO looks
+like to clients) while the stored data survives, so the output can be
+compared with a run that saw no outage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import socket
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+
+from jobs.preprocess import run
+from pipelines import storage
+from pipelines.config import PreprocessConfig
+from pipelines.storage import S3Config, StorageError
+from tests.support.services import free_port
+
+pytestmark = pytest.mark.slow
+
+
+class FlakyProxy:
+    """Forwards 127.0.0.1:port to a target port until `down()`; `up()` listens again."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self.target = target_port
+        self._listener: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self._listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            if self._listener is not None:
+                with contextlib.suppress(OSError):  # wakes the blocked accept() (Linux)
+                    self._listener.shutdown(socket.SHUT_RDWR)
+                self._listener.close()
+                self._listener = None
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            self._conns.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def _reachable(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def proxy(s3_server):
+    p = FlakyProxy(s3_server.port)
+    p.up()
+    yield p
+    p.down()
+
+
+def _tree(output: str, s3: S3Config) -> dict[str, bytes]:
+    return {f.uri[len(output) :]: storage.read_bytes(f.uri, s3=s3)
+            for f in storage.list_files(output, s3=s3)}
+
+
+def test_outage_mid_run_is_survived_and_output_is_unchanged(
+    ray_session, s3_server, proxy, media_dir, tmp_path
+):
+    bucket = s3_server.make_bucket("outage")
+    direct = S3Config().resolved()
+    rows = []
+    for n in range(8):
+        name = ["h264_aac.mp4", "short.mp4", "h264_noaudio.mp4", "tall.mp4"][n % 4]
+        storage.put_file(f"s3://{bucket}/in/{n}_{name}", media_dir[name].path, s3=direct)
+        rows.append({"id": f"c{n}", "video": f"{n}_{name}", "captions": [f"c{n}"]})
+    storage.put_bytes(f"s3://{bucket}/in/m.jsonl",
+                      "".join(json.dumps(r) + "\n" for r in rows).encode(), s3=direct)
+
+    def config(output: str, s3: S3Config) -> PreprocessConfig:
+        cfg = PreprocessConfig(input=f"s3://{bucket}/in/m.jsonl", output=output, s3=s3)
+        cfg.shards.samples_per_shard = 2
+        cfg.execution.clips_per_task = 1
+        return cfg
+
+    run(config(f"s3://{bucket}/reference", direct))
+
+    flaky = replace(direct, endpoint_url=proxy.url, max_attempts=8, backoff_s=0.5)
+    output = f"s3://{bucket}/flaky"
+
+    def outage() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for the first committed shard
+            if storage.exists(f"{output}/_state/shard-000000.json", s3=direct):
+                break
+            time.sleep(0.05)
+        proxy.down()
+        # Down for real, and while the run still had shards to fetch, make and write.
+        outage_seen.append(not _reachable(proxy.port))
+        outage_seen.append(not storage.exists(f"{output}/_state/shard-000003.json", s3=direct))
+        time.sleep(3.0)
+        proxy.up()
+
+    outage_seen: list[bool] = []
+    thread = threading.Thread(target=outage)
+    thread.start()
+    summary = run(config(output, flaky))
+    thread.join()
+    assert outage_seen == [True, True]
+    assert (summary.ok, summary.failed) == (8, 0)
+    assert _tree(output, direct) == _tree(f"s3://{bucket}/reference", direct)
+
+
+def test_outage_longer_than_the_retries_names_the_object(s3_server, proxy, tmp_path):
+    bucket = s3_server.make_bucket("outage2")
+    cfg = replace(S3Config().resolved(), endpoint_url=proxy.url, max_attempts=3, backoff_s=0.1)
+    storage.put_bytes(f"s3://{bucket}/a.bin", b"data", s3=cfg)
+    proxy.down()
+    with pytest.raises(StorageError, match=r"read s3://outage2/a\.bin failed after 3 attempt"):
+        storage.read_bytes(f"s3://{bucket}/a.bin", s3=cfg)
+    src = tmp_path / "shard.tar"
+    shutil.copyfile(__file__, src)
+    with pytest.raises(StorageError, match=r"upload s3://outage2/b\.tar failed after 3 attempt"):
+        storage.put_file(f"s3://{bucket}/b.tar", src, s3=cfg)
+    proxy.up()
+    assert not storage.exists(f"s3://{bucket}/b.tar", s3=cfg)  # nothing half-written
+    assert storage.read_bytes(f"s3://{bucket}/a.bin", s3=cfg) == b"data"
