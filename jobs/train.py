@@ -140,9 +140,6 @@ def run(cfg: TrainConfig) -> TrainResult:
             storage_filesystem=fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            # Our own progress lines say what matters; Ray Train's per-report INFO lines
-            # would repeat every reported metric on every rank.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
     start = time.perf_counter()

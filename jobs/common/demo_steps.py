@@ -15,7 +15,7 @@ from gram.config import from_dict
 from jobs.common.raycluster import init_ray
 from pipelines.synthetic import demo_specs, make_clip, write_jsonl
 
-RENDERINGS = {
+RENDERINGS: dict[str, dict[str, Any]] = {
     # Two training renderings and a held-out one: same 96 combinations, other sizes,
     # frame rates and durations, so evaluation sees clips the model never trained on.
     "train_a": {"width": 160, "height": 120, "fps": 10.0, "duration": 2.0},

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from jobs.common.secrets import redact
 
@@ -50,6 +51,7 @@ class TrackingConfig:
     enabled: False turns every call into a no-op.
     retry_seconds: pause between attempts while the server is unreachable, s.
     max_pending: metrics kept while the server is unreachable (oldest dropped first).
+    flush_seconds: how long closing waits for the server to take what is pending, s.
     """
 
     tracking_uri: str = ""
@@ -57,6 +59,7 @@ class TrackingConfig:
     enabled: bool = True
     retry_seconds: float = 5.0
     max_pending: int = 100_000
+    flush_seconds: float = 300.0
 
 
 def default_tracking_uri(configured: str = "") -> str:
@@ -115,6 +118,7 @@ class Tracker:
         if cfg.enabled:
             for key, value in _HTTP_DEFAULTS.items():
                 os.environ.setdefault(key, value)
+            _quiet_retries(self.uri)
             self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
             self._thread.start()
 
@@ -148,7 +152,9 @@ class Tracker:
         self._push(_Op("artifact", (str(local_path), artifact_path)))
 
     def close(
-        self, status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED", timeout: float = 60.0
+        self,
+        status: Literal["FINISHED", "FAILED", "KILLED"] = "FINISHED",
+        timeout: float | None = None,
     ) -> bool:
         """Flush and end the run. True when everything logged was delivered."""
         if self._thread is None:
@@ -157,7 +163,7 @@ class Tracker:
             self._status = status
             self._closing = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        self._thread.join(self.cfg.flush_seconds if timeout is None else timeout)
         with self._cond:
             self._abandoned = True  # a sender still retrying gives up now
             self._cond.notify_all()
@@ -295,6 +301,27 @@ class Tracker:
                 f" ({self._dropped} oldest dropped)" if self._dropped else "",
             )
             self._down_since = None
+
+
+class _DropRetryNoise(logging.Filter):
+    """urllib3 warns on every retry; while a tracking server is away that floods the logs,
+    and the tracker already says once that the server is unreachable."""
+
+    def __init__(self, netloc: str) -> None:
+        super().__init__()
+        self.netloc = netloc
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.netloc not in record.getMessage()
+
+
+def _quiet_retries(uri: str) -> None:
+    netloc = urlsplit(uri).netloc
+    if not netloc:
+        return
+    pool = logging.getLogger("urllib3.connectionpool")
+    if not any(isinstance(f, _DropRetryNoise) and f.netloc == netloc for f in pool.filters):
+        pool.addFilter(_DropRetryNoise(netloc))
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:

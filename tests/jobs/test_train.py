@@ -338,3 +338,47 @@ def test_a_killed_job_started_again_with_the_same_name_resumes(tmp_path, ray_clu
     assert state["progress"]["step"] == 24
     for keys in _effective_keys(audit).values():
         assert len(keys) == len(set(keys)) == 48
+
+
+def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster, shards):
+    from tests.support.services import MlflowServer
+
+    server = MlflowServer(root=tmp_path / "mlflow").start()
+    audit = tmp_path / "audit"
+    proc = subprocess.Popen(
+        _cmd(
+            tmp_path,
+            "name=mlflow-down",
+            f"data.train={shards['train']}",
+            "data.eval=",
+            f"data.audit_dir={audit}",
+            "data.batch_size=2",
+            "epochs=2",
+            f"tracking.tracking_uri={server.url}",
+            "tracking.retry_seconds=1",
+        ),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _max_step(audit / "rank0.jsonl") >= 3, 300, "step 3", proc)
+        server.stop()
+        _wait_for(lambda: _max_step(audit / "rank0.jsonl") >= 12, 300, "step 12 while down", proc)
+        server.start()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+    assert proc.returncode == 0, out[-4000:]
+    assert "metrics are not being logged" in out
+    assert "reachable again" in out
+    server.start()
+    try:
+        history = MlflowClient(tracking_uri=server.url).get_metric_history(_run_id(out), "loss")
+    finally:
+        server.stop()
+    steps = sorted(m.step for m in history)
+    assert steps == list(range(1, 25)), out[-6000:]  # nothing lost
