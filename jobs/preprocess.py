@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
-import typing
 from collections.abc import Sequence
 
 from gram.config import ConfigError, load_config
+from jobs.common.cli import add_config_arguments, config_help
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import ManifestError
 from pipelines.preprocess import FailureRateError, Summary, preprocess
@@ -42,48 +41,24 @@ def run(config: PreprocessConfig) -> Summary:
     return preprocess(config, executor=ray_executor(config))
 
 
-def _defaults(cls: type, prefix: str = "") -> list[str]:
-    """`key = default` lines for every config key (the real defaults, for --help)."""
-    lines = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
-            lines += _defaults(hints[f.name], f"{key}.")
-            continue
-        if not f.repr:  # credentials: never shown
-            text = "(AWS chain: environment, ~/.aws, instance role)"
-        elif f.name in ("input", "output"):
-            text = "(required)"
-        elif f.default_factory is not dataclasses.MISSING:
-            text = json.dumps(f.default_factory())
-        else:
-            text = json.dumps(f.default)
-        lines.append(f"  {key} = {text}")
-    return lines
-
-
-def _parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m jobs.preprocess") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.preprocess",
-        description="Video + audio + captions -> WebDataset shards, index.json, manifest.parquet.",
-        epilog="config keys (override with key=value):\n" + "\n".join(_defaults(PreprocessConfig)),
+        prog=prog,
+        description=__doc__,
+        epilog=config_help(PreprocessConfig),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--input", help="manifest (.jsonl/.csv/.parquet) or folder/prefix; local or s3://"
     )
     parser.add_argument("--output", help="folder or s3:// prefix for shards, index and manifest")
-    parser.add_argument(
-        "--config", help="YAML/JSON config file (e.g. jobs/configs/preprocess.yaml)"
-    )
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_config_arguments(parser)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.preprocess") -> int:
     """Command-line entry point; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO,
         format="[%(asctime)s %(name)s] %(message)s",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import subprocess
 import typing
 from pathlib import Path
@@ -32,15 +33,17 @@ def _defaults(cls: type[Any], prefix: str = "") -> list[tuple[str, str]]:
         if dataclasses.is_dataclass(tp) and isinstance(tp, type):
             rows += _defaults(tp, f"{name}.")
             continue
+        if not f.repr:  # credentials: never shown, not even their defaults
+            rows.append((name, "(from the environment / AWS chain; never shown)"))
+            continue
         if f.default is not dataclasses.MISSING:
             value: Any = f.default
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
         else:
-            value = "(required)"
-        rows.append(
-            (name, "''" if value == "" else repr(value) if isinstance(value, str) else str(value))
-        )
+            rows.append((name, "(required)"))
+            continue
+        rows.append((name, str(value) if isinstance(value, tuple) else json.dumps(value)))
     return rows
 
 
