@@ -104,8 +104,10 @@ def proxy(s3_server):
 
 
 def _tree(output: str, s3: S3Config) -> dict[str, bytes]:
-    return {f.uri[len(output) :]: storage.read_bytes(f.uri, s3=s3)
-            for f in storage.list_files(output, s3=s3)}
+    return {
+        f.uri[len(output) :]: storage.read_bytes(f.uri, s3=s3)
+        for f in storage.list_files(output, s3=s3)
+    }
 
 
 def test_outage_mid_run_is_survived_and_output_is_unchanged(
@@ -118,8 +120,9 @@ def test_outage_mid_run_is_survived_and_output_is_unchanged(
         name = ["h264_aac.mp4", "short.mp4", "h264_noaudio.mp4", "tall.mp4"][n % 4]
         storage.put_file(f"s3://{bucket}/in/{n}_{name}", media_dir[name].path, s3=direct)
         rows.append({"id": f"c{n}", "video": f"{n}_{name}", "captions": [f"c{n}"]})
-    storage.put_bytes(f"s3://{bucket}/in/m.jsonl",
-                      "".join(json.dumps(r) + "\n" for r in rows).encode(), s3=direct)
+    storage.put_bytes(
+        f"s3://{bucket}/in/m.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode(), s3=direct
+    )
 
     def config(output: str, s3: S3Config) -> PreprocessConfig:
         cfg = PreprocessConfig(input=f"s3://{bucket}/in/m.jsonl", output=output, s3=s3)
