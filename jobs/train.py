@@ -26,7 +26,7 @@ from typing import Any
 from gram.config import ConfigError, load_config, to_dict
 from gram.shards import ShardInfo, steps_per_epoch
 from jobs.common.cli import add_config_arguments, config_help, git_commit
-from jobs.common.raycluster import init_ray, storage_filesystem
+from jobs.common.raycluster import init_ray, secret_env, storage_filesystem
 from jobs.common.tracking import Tracker
 from jobs.common.train_loop import RunPlan, train_loop_per_worker
 from jobs.common.training import TrainConfig
@@ -127,6 +127,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         train_loop_config={
             "config": to_dict(cfg),
             "plan": RunPlan(shards, eval_shards, total_steps, per_epoch, run_id),
+            "secret_env": secret_env(),
         },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -8,27 +8,51 @@ from typing import Any
 
 from pipelines import storage
 
-__all__ = ["FORWARDED_ENV", "init_ray", "storage_filesystem"]
+__all__ = [
+    "FORWARDED_ENV",
+    "SECRET_ENV",
+    "apply_secret_env",
+    "init_ray",
+    "secret_env",
+    "storage_filesystem",
+]
 
 log = logging.getLogger(__name__)
 
 FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
     "AWS_ENDPOINT_URL",
     "MLFLOW_TRACKING_URI",
     "MLFLOW_S3_ENDPOINT_URL",
+)
+"""Non-secret storage and tracking settings a driver hands to its workers (in the job's
+runtime environment) when it joins an existing cluster."""
+
+SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
 )
-"""Storage and tracking settings a driver hands to its workers when it joins an existing
-cluster (workers started by `ray start` do not inherit the driver's environment). They travel
-in the job's runtime environment, never on a command line; on managed clusters prefer setting
-them on the nodes (e.g. Kubernetes Secrets) and leave them unset for the driver."""
+"""Credentials never go into a runtime environment: Ray's runtime-env agent writes those to
+its log files. A driver that has them passes them to its own workers in-band, with the
+work (`secret_env` / `apply_secret_env`); clusters can instead give their nodes the
+credentials (Kubernetes Secrets, instance roles)."""
+
+
+def secret_env() -> dict[str, str]:
+    """The credentials in this process's environment, to hand to workers with the work."""
+    return {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+
+
+def apply_secret_env(values: dict[str, str]) -> None:
+    """In a worker: make the driver's credentials visible to boto3, pyarrow and MLflow."""
+    for key, value in values.items():
+        if key in SECRET_ENV:
+            os.environ.setdefault(key, value)
 
 
 def init_ray(address: str = "") -> None:

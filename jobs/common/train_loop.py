@@ -24,6 +24,7 @@ from gram.model_config import model_config
 from gram.shards import RawSample, ShardInfo, ShardLoader
 from gram.train import build_optimizer, cosine_schedule, evaluate, train_step
 from gram.weights import load_weights, read_loss_state
+from jobs.common.raycluster import apply_secret_env
 from jobs.common.tracking import Tracker
 from jobs.common.training import (
     Progress,
@@ -105,11 +106,13 @@ def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, fl
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    """Ray Train entry: `payload` = {"config": TrainConfig as dict, "plan": RunPlan}."""
+    """Ray Train entry: `payload` = {"config": TrainConfig as dict, "plan": RunPlan,
+    "secret_env": the driver's credentials, handed over in-band (never via runtime env)}."""
     import ray
     import ray.train
     import ray.train.torch as ray_torch
 
+    apply_secret_env(payload.get("secret_env", {}))
     cfg = from_dict(TrainConfig, payload["config"])
     plan: RunPlan = payload["plan"]
     ctx = ray.train.get_context()

@@ -28,6 +28,7 @@ import torch
 
 from gram.config import ConfigError, to_dict
 from gram.train import OptimConfig
+from jobs.common.secrets import redact
 from jobs.common.tracking import TrackingConfig
 from pipelines.storage import S3Config
 
@@ -174,7 +175,7 @@ def save_checkpoint_dir(
     }
     torch.save(state, folder / "trainer.pt")
     (folder / "state.json").write_text(
-        json.dumps({"progress": to_dict(progress), "config": to_dict(cfg)}, indent=2)
+        json.dumps({"progress": to_dict(progress), "config": redact(to_dict(cfg))}, indent=2)
     )
     return folder
 

@@ -382,3 +382,51 @@ def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster,
         server.stop()
     steps = sorted(m.step for m in history)
     assert steps == list(range(1, 25)), out[-6000:]  # nothing lost
+
+
+def test_secrets_never_reach_outputs_logs_checkpoints_or_mlflow(tmp_path, ray_cluster, s3_server):
+    """Sentinel credentials (moto takes any) in the environment and in the config: none of
+    them may show up in the output, the checkpoints, the MLflow store or Ray's own logs."""
+    key_id, secret = "AKIASENTINEL7QJ3XW9", "SENTINEL/secret+key/9f8e7d6c5b4a"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
+    bucket = s3_server.make_bucket("secrets")
+    s3_cfg = {"endpoint_url": s3_server.endpoint_url, "access_key_id": key_id,
+              "secret_access_key": secret}  # fmt: skip
+    from pipelines.storage import S3Config
+
+    write_sample_shards(
+        SyntheticClips(16, seed=3),
+        f"s3://{bucket}/train",
+        samples_per_shard=8,
+        s3=S3Config(**s3_cfg),
+    )
+    res = subprocess.run(
+        _cmd(
+            tmp_path,
+            "name=secrets",
+            f"data.train=s3://{bucket}/train",
+            "data.eval=",
+            "data.batch_size=4",
+            "max_steps=2",
+            f"s3.secret_access_key={secret}",
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    leaks = []
+    for where, text in (("stdout", res.stdout), ("stderr", res.stderr)):
+        leaks += [where for s in (key_id, secret) if s in text]
+    for root in (tmp_path, ray_cluster.temp_dir):
+        for path in root.rglob("*"):
+            if path.is_file() and path.stat().st_size < 50_000_000:
+                data = path.read_bytes()
+                leaks += [str(path) for s in (key_id, secret) if s.encode() in data]
+    assert not leaks, f"secrets found in: {sorted(set(leaks))}"
+    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
+        _run_id(res.stdout)
+    )
+    assert run.data.params["s3.secret_access_key"] == "***"
