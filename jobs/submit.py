@@ -16,8 +16,9 @@ S3 and MLflow credentials from its own environment (KubeRay: Kubernetes Secrets 
 compose: the stack's `.env`; cloud VMs: instance roles). Only non-secret settings travel as
 runtime env variables (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, MLFLOW_TRACKING_URI, ...).
 `--forward-secret NAME` is the explicit opt-in to copy a variable from this shell into the
-job's runtime env: its value is then stored by the cluster and shown in the dashboard's job
-details, so use it only on a cluster whose dashboard only you can reach. A request that would
+job's runtime env: its value is then stored by the cluster, shown in the dashboard's job
+details and written to Ray's runtime-env agent log files, so use it only on a cluster whose
+dashboard and logs only you can reach. A request that would
 put a credential in the entrypoint (a secret-named override, a URL with a password, the value
 of a credential variable) is refused with a message naming the fix.
 
