@@ -83,6 +83,15 @@ def _restore(folder: Path, model: Any, loss: Any, optimizer: Any, scheduler: Any
     return from_dict(Progress, state["progress"])
 
 
+def _rss_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; 0 where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _grouped(batches: Iterator[Any], n: int) -> Iterator[list[Any]]:
     """Micro-batches in groups of `n` (the last group may be shorter): one optimizer step each."""
     group: list[Any] = []
@@ -261,9 +270,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 shown = _global_mean(stats, device)
                 rate = line.rate(step)
                 if tracker is not None:
-                    tracker.log_metrics(
-                        {**shown, "samples_per_s": rate, "data_wait": wait}, step=step
-                    )
+                    extra = {"samples_per_s": rate, "data_wait": wait, "rss_mb": _rss_mb()}
+                    tracker.log_metrics({**shown, **extra}, step=step)
                     print(line.line(step, progress.epoch, shown, rate, wait), flush=True)
             if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
                 run_eval(step)
