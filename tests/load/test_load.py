@@ -110,8 +110,7 @@ def test_two_thousand_training_steps_without_memory_growth_or_slowdown(tmp_path,
     quarter = len(rss) // 4
     first_rate, last_rate = statistics.median(rate[1:quarter]), statistics.median(rate[-quarter:])
     grown = max(rss[-quarter:]) - statistics.median(rss[quarter : 2 * quarter])
-    print(
-        f"\nrank-0 RSS {rss[quarter]:.0f} -> {rss[-1]:.0f} MiB; samples/s {first_rate:.0f} -> {last_rate:.0f}"
-    )
+    print(f"\nrank-0 RSS {rss[quarter]:.0f} -> {rss[-1]:.0f} MiB", end="; ")
+    print(f"samples/s {first_rate:.0f} -> {last_rate:.0f}")
     assert grown < 64, f"rank-0 memory grew {grown:.0f} MiB over the last 1,500 steps"
     assert last_rate > 0.6 * first_rate, "throughput decayed over the run"
