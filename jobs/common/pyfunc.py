@@ -16,11 +16,13 @@ Input: a pandas DataFrame with one or more of the model's modality columns
 (`text`, `video`, `audio` for the shipped configs); a null or empty cell means
 that row lacks that modality.
     text kind:   the text itself.
-    video kind:  path or URI (local path, file://, s3://) of a video file. Frames are
-                 taken at the midpoints of `vision.num_frames` equal segments, scaled
-                 and centre-cropped exactly as preprocessing + evaluation decoding do.
+    video kind:  path or URI (local path, file://, s3://) of a video file. Frames at the
+                 midpoints of `num_segments` equal segments, scaled and centre-cropped by
+                 the preprocessing code, then evaluation decoding (the model's T frames).
     audio kind:  path or URI of any file with an audio track (a video or audio file);
                  16 kHz mono, the first `max_audio_seconds`, then the model's centre window.
+    With `inference` matching the preprocessing config, a clip gets exactly the inputs
+    its preprocessed shard sample gives the evaluation (tested to 1e-5).
 params:
     volume (bool, default false): also return `volume`, the Gramian volume of each
         row's present modalities (None for rows with fewer than two).
@@ -48,11 +50,11 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc.model import PythonModel
 from torch import Tensor
 
-from gram.config import from_dict
+from gram.config import ConfigError, from_dict
 from gram.data import DecodeConfig, decode_sample
 from gram.model import GramModel
 from gram.model_config import ModelConfig
-from gram.schema import CAPTIONS_SUFFIX, SAMPLE_RATE, frame_suffix
+from gram.schema import CAPTIONS_SUFFIX, frame_suffix
 from gram.volume import volume
 from gram.weights import load_weights
 
@@ -73,18 +75,25 @@ ARTIFACT_TOKENIZER = "tokenizer"
 
 @dataclass(frozen=True)
 class InferenceConfig:
-    """How the served model turns media files into model inputs.
+    """How the served model turns media files into model inputs: as preprocessing did for
+    the shards (set these to the preprocessing config's values), then evaluation decoding.
 
-    frame_size: frames are decoded with the short side scaled to this and centre-cropped
-        (what preprocessing's `frames.size` did for the training shards), pixels.
-    max_audio_seconds: audio read from the start of a file (preprocessing's
-        `audio.max_seconds`), s; the model then takes its centre window.
+    num_segments: frames at the midpoints of this many equal segments (`frames.num_segments`).
+    frame_size: short side scaled to this, centre-cropped, pixels (`frames.size`).
+    max_audio_seconds: audio kept from the start of a file, s (`audio.max_seconds`).
     media_timeout_s: ffmpeg/ffprobe time limit per file, s.
     """
 
+    num_segments: int = 8
     frame_size: int = 224
     max_audio_seconds: float = 10.0
     media_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.num_segments < 1 or self.frame_size < 16:
+            raise ConfigError("serving.num_segments must be >= 1 and serving.frame_size >= 16")
+        if self.max_audio_seconds <= 0 or self.media_timeout_s <= 0:
+            raise ConfigError("serving.max_audio_seconds and serving.media_timeout_s must be > 0")
 
 
 def _bad_input(message: str) -> MlflowException:
@@ -149,7 +158,7 @@ class GramPyfunc(PythonModel):
 
         timeout = self.inference.media_timeout_s
         info = media.probe(path, timeout_s=timeout)
-        times = media.frame_times(info.duration, self.model.cfg.vision.num_frames)
+        times = media.frame_times(info.duration, self.inference.num_segments)
         frames = media.decode_clip(
             path,
             times,
@@ -159,7 +168,7 @@ class GramPyfunc(PythonModel):
             fps=info.fps,
         ).frames
         sample: dict[str, Any] = {frame_suffix(i): jpg for i, jpg in enumerate(frames)}
-        # decode_sample needs a caption; only its frames are used here.
+        # decode_sample picks the model's T of the segments; it needs a caption, unused here.
         sample.update({"__key__": "row", CAPTIONS_SUFFIX: b'["-"]'})
         return decode_sample(sample, self.decode_cfg, train=False)["video"]
 
@@ -168,10 +177,14 @@ class GramPyfunc(PythonModel):
         from pipelines import media
 
         timeout = self.inference.media_timeout_s
-        seconds = min(_media_duration(path, timeout), self.inference.max_audio_seconds)
-        pcm = media.extract_audio(
-            path, num_samples=max(1, round(seconds * SAMPLE_RATE)), timeout_s=timeout
-        )
+        try:  # a video's duration as preprocessing measures it
+            duration = media.probe(path, timeout_s=timeout).duration
+        except media.MediaError as exc:
+            if exc.reason != "no_video":
+                raise
+            duration = _media_duration(path, timeout)  # an audio-only file
+        samples = max(1, media.audio_length(duration, self.inference.max_audio_seconds))
+        pcm = media.extract_audio(path, num_samples=samples, timeout_s=timeout)
         wave = pcm.astype(np.float32) / 32768.0  # [N] as soundfile reads PCM_16
         n = self.decode_cfg.audio_samples
         if wave.shape[0] >= n:

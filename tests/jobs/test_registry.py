@@ -3,6 +3,7 @@ one with artifacts on local disk, one with artifacts on the S3-speaking test ser
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -21,12 +22,18 @@ import torch
 from mlflow import MlflowClient
 
 from gram.config import load_config
+from gram.data import DecodeConfig, collate, decode_sample
+from gram.shards import iter_raw_samples
 from gram.synthetic import SyntheticClips
 from gram.volume import volume
 from gram.weights import load_checkpoint
 from jobs import promote, register
 from jobs.common.lock import LockSection, RegistryLock
+from pipelines.config import PreprocessConfig
+from pipelines.inputs import InputItem
 from pipelines.sample_shards import write_sample_shards
+from pipelines.shards import END_OF_ARCHIVE
+from pipelines.stages import build_stages, process_item
 from tests.jobs.conftest import EVAL_CLIPS, SYNTHETIC_CLASSES, checkpoint_of_run, training_run
 from tests.support.services import MlflowServer, free_port, wait_for_http
 
@@ -107,6 +114,21 @@ def media(tmp_path_factory) -> dict[str, str]:
         [*lavfi, "-i", "sine=frequency=500:sample_rate=22050:duration=1.5", str(tone)], check=True
     )
     return {"clip": str(clip), "tone": str(tone)}
+
+
+def _as_preprocessed(model, clip: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Video and audio embeddings of `clip` the way training data has it: the preprocessing
+    stages (default config) -> a shard sample -> evaluation decoding -> the model."""
+    result = process_item(
+        build_stages(PreprocessConfig()),
+        InputItem(0, 1, "clip", "clip", clip, None, ("a clip",)),
+        timeout_s=120,
+    )
+    assert result.row["status"] == "ok", result.row
+    (raw,) = iter_raw_samples(io.BytesIO(result.sample + END_OF_ARCHIVE), "clip.tar")
+    batch = collate([decode_sample(raw, DecodeConfig.from_model(model.cfg), train=False)])
+    with torch.no_grad():
+        return model.encode("video", batch)[0], model.encode("audio", batch)[0]
 
 
 def _register(url: str, name: str, checkpoint: Path, *extra: str) -> str:
@@ -230,6 +252,10 @@ def test_register_then_load_by_alias_in_a_fresh_process_and_predict(
     v2, a2 = (torch.tensor([media_only[f"{m}_embedding"]]) for m in ("video", "audio"))
     assert media_only["volume"] == pytest.approx(float(volume(v2, a2)[0]), abs=1e-5)
     torch.testing.assert_close(v2, v)  # same file, same frames
+    # Served media goes through exactly what the training and eval shards went through.
+    video_ref, audio_ref = _as_preprocessed(model, media["clip"])
+    torch.testing.assert_close(v[0], video_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a[0], audio_ref, atol=1e-5, rtol=1e-4)
 
 
 def test_promote_refuses_a_worse_model_and_rolls_back(
