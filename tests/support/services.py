@@ -239,11 +239,16 @@ class S3Server:
 
 @dataclass
 class MlflowServer:
-    """A real `mlflow server` with a sqlite backend and proxied local artifacts."""
+    """A real `mlflow server` with a sqlite backend and proxied artifacts.
+
+    Artifacts go to `artifacts_destination` (e.g. `s3://bucket/prefix` on the S3 test
+    server, with its AWS environment in `extra_env`), by default `<root>/artifacts`.
+    """
 
     root: Path
     port: int = field(default_factory=free_port)
     extra_env: dict[str, str] = field(default_factory=dict)
+    artifacts_destination: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -264,7 +269,7 @@ class MlflowServer:
                 "--backend-store-uri",
                 f"sqlite:///{self.root / 'mlflow.db'}",
                 "--artifacts-destination",
-                str(self.root / "artifacts"),
+                self.artifacts_destination or str(self.root / "artifacts"),
                 "--workers",
                 "1",
             ],

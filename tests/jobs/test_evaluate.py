@@ -1,0 +1,305 @@
+"""jobs.evaluate: metrics against a naive recomputation, and the real job on the 2-node Ray
+cluster with shards and checkpoint on S3, logging to a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from gram.config import load_config
+from gram.data import DecodeConfig, collate, decode_sample
+from gram.synthetic import SyntheticClips
+from gram.weights import load_checkpoint
+from jobs.common.embedding import ParallelSection
+from jobs.common.evaluation import ClassificationSection, EvalSection, ModelFiles, evaluate_files
+from pipelines.sample_shards import write_sample_shards
+from pipelines.storage import S3Config
+from tests.jobs.conftest import EVAL_CLIPS, SYNTHETIC_CLASSES, checkpoint_of_run, training_run
+
+REPO = Path(__file__).resolve().parents[2]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+CLASSIFY = ClassificationSection(
+    label_fields=["color", "sound"],
+    prompts=["a {color} square and a {sound}", "{color} square with {sound} sound"],
+)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@pytest.fixture(scope="module")
+def local_result(checkpoints, eval_shards, tmp_path_factory):
+    """The evaluation library in this process (no Ray) on the trained tiny model."""
+    section = EvalSection(
+        shards=eval_shards, parallel=ParallelSection(local=True), classification=CLASSIFY
+    )
+    files = ModelFiles(weights=checkpoints.good / "model.safetensors", source="good")
+    return evaluate_files(files, section, S3Config(), tmp_path_factory.mktemp("local-eval"))
+
+
+def _naive_volume(vectors: list[torch.Tensor]) -> float:
+    """sqrt(det G) of the Gram matrix of the given unit vectors, in float64."""
+    m = torch.stack([v.double() for v in vectors])  # [k, D]
+    return float(torch.linalg.det(m @ m.T).clamp_min(0).sqrt())
+
+
+def _ranks(scores: torch.Tensor, gt: list[int]) -> list[int]:
+    """1-based rank of each row's ground truth; ties count against it."""
+    return [int((row <= row[g]).sum()) for row, g in zip(scores, gt, strict=True)]
+
+
+def _summary(ranks: list[int]) -> dict[str, float]:
+    r = sorted(ranks)
+    return {
+        "r1": 100 * sum(x <= 1 for x in r) / len(r),
+        "r5": 100 * sum(x <= 5 for x in r) / len(r),
+        "r10": 100 * sum(x <= 10 for x in r) / len(r),
+        "medr": float(r[(len(r) - 1) // 2]),  # the lower median, as torch.median
+        "meanr": sum(r) / len(r),
+        "count": float(len(r)),
+    }
+
+
+def test_metrics_match_a_naive_recomputation(checkpoints, eval_shards, local_result):
+    """Embeddings clip by clip, every volume as sqrt(det G) of an explicit Gram matrix, ranks by
+    counting: the same numbers as the chunked, masked, batched evaluation."""
+    model, _, _ = load_checkpoint(checkpoints.good / "model.safetensors")
+    model.eval()
+    clips = SyntheticClips(EVAL_CLIPS, seed=2)
+    cfg = DecodeConfig.from_model(model.cfg)
+    order = sorted(range(EVAL_CLIPS), key=lambda i: clips.clip(i).key)  # the report's key order
+    video, audio, has_audio, text, owner, labels = [], [], [], [], [], []
+    with torch.no_grad():
+        for j, i in enumerate(order):
+            item = decode_sample(clips[i], cfg, train=False)
+            batch = collate([item])
+            video.append(model.encode("video", batch)[0])
+            audio.append(model.encode("audio", batch)[0])
+            has_audio.append(item["audio_present"])
+            for caption in item["captions"]:
+                text.append(model.encode("text", {"text": [caption]})[0])
+                owner.append(j)
+            labels.append((clips.clip(i).color, clips.clip(i).sound))
+    n, nt = len(order), len(text)
+
+    # Every clip is counted, none dropped; the ones without audio are scored on (text, video).
+    assert local_result.report["counts"] == {
+        "clips": 36,
+        "captions": 72,
+        "missing": {"video": 0, "audio": 3},
+        "skipped_samples": 0,
+    }
+    assert sum(not h for h in has_audio) == 3
+
+    def volumes(items) -> torch.Tensor:
+        return torch.tensor(
+            [
+                [
+                    _naive_volume(
+                        [text[c], *[m[j] for m in items if m is not audio or has_audio[j]]]
+                    )
+                    for j in range(n)
+                ]
+                for c in range(nt)
+            ]
+        )
+
+    v = volumes([video, audio])  # [Nt, Ni]; clips without audio: (text, video) only
+    t2i = _ranks(v, owner)
+    i2t = []
+    for j in range(n):
+        own = [c for c in range(nt) if owner[c] == j]
+        best = min(float(v[c, j]) for c in own)
+        i2t.append(1 + sum(float(v[c, j]) <= best for c in range(nt) if owner[c] != j))
+    expected = {f"volume_t2i_{k}": x for k, x in _summary(t2i).items()}
+    expected.update({f"volume_i2t_{k}": x for k, x in _summary(i2t).items()})
+
+    with_audio = [j for j in range(n) if has_audio[j]]
+    rows = [c for c in range(nt) if has_audio[owner[c]]]
+    cos = torch.tensor([[-float(text[c] @ audio[j]) for j in with_audio] for c in rows])
+    expected.update(
+        {
+            f"cosine_audio_t2i_{k}": x
+            for k, x in _summary(_ranks(cos, [with_audio.index(owner[c]) for c in rows])).items()
+        }
+    )
+    cos_v = torch.tensor([[-float(text[c] @ video[j]) for j in range(n)] for c in range(nt)])
+    expected.update({f"cosine_video_t2i_{k}": x for k, x in _summary(_ranks(cos_v, owner)).items()})
+
+    classes = sorted(set(labels))
+    prompts = CLASSIFY.prompts
+    with torch.no_grad():
+        class_vecs = []
+        for color, sound in classes:
+            p = [
+                model.encode("text", {"text": [t.format(color=color, sound=sound)]})[0]
+                for t in prompts
+            ]
+            mean = torch.stack([x / x.norm() for x in p]).mean(0)
+            class_vecs.append(mean / mean.norm())
+    scores = torch.tensor(
+        [
+            [
+                _naive_volume([cv, video[j], *([audio[j]] if has_audio[j] else [])])
+                for cv in class_vecs
+            ]
+            for j in range(n)
+        ]
+    )  # [Ni, C]
+    truth = [classes.index(lab) for lab in labels]
+    cls_ranks = _ranks(scores, truth)
+    expected["zeroshot_top1"] = 100 * sum(r <= 1 for r in cls_ranks) / n
+    expected["zeroshot_top5"] = 100 * sum(r <= 5 for r in cls_ranks) / n
+    confusion = [[0] * len(classes) for _ in classes]
+    for j in range(n):
+        confusion[truth[j]][int(scores[j].argmin())] += 1
+
+    got = local_result.metrics
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
+    assert local_result.report["classification"]["confusion"] == confusion
+    assert local_result.report["classification"]["classes"] == [" ".join(c) for c in classes]
+    print(
+        "metric test:",
+        {
+            k: round(got[k], 2)
+            for k in (
+                "volume_t2i_r1",
+                "volume_i2t_r1",
+                "cosine_video_t2i_r1",
+                "cosine_audio_t2i_r1",
+                "zeroshot_top1",
+                "zeroshot_top5",
+            )
+        },
+    )
+    # What GRAM claims, on this tiny model: the volume beats either cosine baseline.
+    assert got["volume_t2i_r1"] >= 60
+    assert got["volume_t2i_r1"] > got["cosine_video_t2i_r1"] + 20
+    assert got["volume_t2i_r1"] > got["cosine_audio_t2i_r1"] + 20
+    # Subsets: (text, video) volume ranks clips by |cos|, over the same clips as cosine video.
+    assert got["volume_video_t2i_count"] == nt
+    assert got["volume_audio_t2i_count"] == len(rows)
+
+
+def test_report_and_pictures_are_written(local_result):
+    report = json.loads(local_result.report_path.read_text())
+    assert report["format"] == "gram-eval-1"
+    assert report["eval_set"]["eval_id"] == local_result.eval_id
+    assert set(report["pictures"]) == {"recall_at_k.png", "volume_hist.png", "confusion.png"}
+    for picture in local_result.pictures:
+        assert picture.read_bytes().startswith(PNG)
+        assert picture.stat().st_size > 5000
+    dist = report["volume_distribution"]
+    assert sum(dist["positive"]) == 72
+    assert sum(dist["negative"]) == 72 * 35
+    assert dist["positive_mean"] < dist["negative_mean"]
+    assert len(report["recall_curves"]["volume_t2i"]) == 50
+    assert report["recall_curves"]["volume_t2i"][-1] == 100.0
+
+
+@pytest.mark.slow
+def test_evaluate_job_on_ray_with_s3_logs_report_pictures_and_metrics(
+    tmp_path, ray_cluster, s3_server, mlflow_server, checkpoints, local_result
+):
+    """The real job: two Ray tasks on the two nodes, shards and checkpoint on S3, a run in
+    MLflow that is a child of the training run, holding the metrics, report and pictures."""
+    bucket = s3_server.make_bucket("evaluate")
+    write_sample_shards(
+        SyntheticClips(EVAL_CLIPS, seed=2), f"s3://{bucket}/shards/eval", samples_per_shard=12
+    )
+    client = MlflowClient(mlflow_server.url)
+    train_run = training_run(client, "evaluate-test", "s3://...")
+    ckpt = checkpoint_of_run(checkpoints.good, tmp_path / "ckpt", train_run)
+    s3 = s3_server.client()
+    for f in ckpt.iterdir():
+        s3.upload_file(str(f), bucket, f"runs/good/{f.name}")
+    out = tmp_path / "report"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.evaluate",
+            "--config",
+            str(REPO / "jobs" / "configs" / "evaluate.yaml"),
+            f"model=s3://{bucket}/runs/good",
+            f"eval.shards=s3://{bucket}/shards/eval",
+            "eval.parallel.tasks=2",
+            "eval.parallel.cpus_per_task=0.5",
+            f"output={out}",
+            "run_name=eval-on-ray",
+            f"tracking.tracking_uri={mlflow_server.url}",
+            *SYNTHETIC_CLASSES,
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "text -> (video+audio) R@1, volume" in res.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["embedding"] == {"mode": "ray", "tasks": 2, "nodes": 2}
+    assert report["model"]["training_run_id"] == train_run
+    # The eval set is the same bytes in another place: same fingerprint, same numbers.
+    assert report["eval_set"]["eval_id"] == local_result.eval_id
+    for key, value in local_result.metrics.items():
+        assert report["metrics"][key] == pytest.approx(value, abs=1e-6), key
+    assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in (out / "report.json").read_text()
+
+    run_id = res.stdout.split("MLflow run: ")[1].split()[0]
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == train_run
+    assert run.data.tags["gram.evaluated_run_id"] == train_run
+    assert run.data.tags["gram.eval_id"] == local_result.eval_id
+    assert run.data.metrics["volume_t2i_r1"] == pytest.approx(local_result.metrics["volume_t2i_r1"])
+    assert run.data.metrics["zeroshot_top1"] == pytest.approx(local_result.metrics["zeroshot_top1"])
+    logged = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert logged == {
+        "evaluation/report.json",
+        "evaluation/recall_at_k.png",
+        "evaluation/volume_hist.png",
+        "evaluation/confusion.png",
+    }
+    picture = client.download_artifacts(run_id, "evaluation/recall_at_k.png", str(tmp_path))
+    assert Path(picture).read_bytes().startswith(PNG)
+
+
+def test_every_job_lists_its_config_keys_with_defaults_and_loads_its_example_config():
+    from jobs import evaluate, promote, register
+
+    for job, cls, name in (
+        (evaluate, evaluate.EvaluateConfig, "evaluate"),
+        (register, register.RegisterConfig, "register"),
+        (promote, promote.PromoteConfig, "promote"),
+    ):
+        text = job.build_parser().format_help()
+        assert "config keys (default):" in text
+        assert "eval.parallel.tasks" in text
+        assert "tracking.tracking_uri" in text
+        load_config(cls, REPO / "jobs" / "configs" / f"{name}.yaml")
+    assert "--rollback" in promote.build_parser().format_help()
+
+
+def test_configuration_errors_exit_2_and_say_how_to_fix(tmp_path, capsys, checkpoints):
+    from jobs import evaluate
+
+    code = evaluate.main(
+        [f"model={checkpoints.good}", f"eval.shards={tmp_path}", "tracking.enabled=false"]
+    )
+    assert code == 2
+    assert "has no index.json" in capsys.readouterr().err
+    assert evaluate.main(["model=/nowhere", "eval.shards=x"]) == 2
+    assert "give a training checkpoint folder" in capsys.readouterr().err
+    assert evaluate.main(["eval.parallel.cpus_per_task=0"]) == 2
+    assert "cpus_per_task must be > 0" in capsys.readouterr().err
