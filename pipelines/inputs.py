@@ -24,7 +24,7 @@ import io
 import json
 import posixpath
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -39,6 +39,9 @@ _VIDEO_COLS = ("video", "video_uri", "path", "uri")
 _CAPTION_LIST_COLS = ("captions",)
 _CAPTION_ONE_COLS = ("caption", "text")
 _MANIFEST_EXTS = (".jsonl", ".ndjson", ".csv", ".parquet")
+_KNOWN_COLS = {*_VIDEO_COLS, *_CAPTION_LIST_COLS, *_CAPTION_ONE_COLS, "id", "audio"}
+_MAX_EXTRA_FIELDS = 32
+_MAX_EXTRA_CHARS = 1000
 
 
 class ManifestError(ValueError):
@@ -60,6 +63,8 @@ class InputItem:
     reason: str | None = None
     """Set when the row fails before any media work (e.g. duplicate_id, no_captions)."""
     error: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    """The row's other fields (e.g. a class label), kept in the clip's metadata `extra`."""
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (round-trips through `InputItem(**d)` after list->tuple)."""
@@ -80,6 +85,30 @@ class _Raw:
     video: str
     audio: str | None
     captions: list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _extra(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The row's fields beyond the known columns: short JSON scalars (or lists of them)."""
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        if name in _KNOWN_COLS or value is None or (isinstance(value, float) and value != value):
+            continue
+        if hasattr(value, "tolist"):
+            value = value.tolist()
+        scalar = (str, int, float, bool)
+        ok = isinstance(value, scalar) or (
+            isinstance(value, list) and all(isinstance(v, scalar) for v in value)
+        )
+        if not ok or len(json.dumps(value, ensure_ascii=False)) > _MAX_EXTRA_CHARS:
+            raise ManifestError(
+                f"{where}: field {name!r} must be a short string, number, boolean or list "
+                f"of those (at most {_MAX_EXTRA_CHARS} characters as JSON), got {value!r:.80}"
+            )
+        out[str(name)] = value
+    if len(out) > _MAX_EXTRA_FIELDS:
+        raise ManifestError(f"{where}: more than {_MAX_EXTRA_FIELDS} extra metadata fields")
+    return out
 
 
 def _resolve(base: str, ref: str) -> str:
@@ -148,6 +177,7 @@ def _row(row: Any, where: str, line: int, base: str, *, csv_text: bool = False) 
         video=_resolve(base, video.strip()),
         audio=_resolve(base, audio.strip()) if audio and audio.strip() else None,
         captions=_captions(row, where, csv_text=csv_text),
+        extra=_extra(row, where),
     )
 
 
@@ -327,6 +357,7 @@ def _check_rows(uri: str, raws: list[_Raw], cfg: InputsConfig) -> list[InputItem
                 captions=tuple(_printable(c) for c in captions),
                 reason=reason,
                 error=error,
+                extra=dict(raw.extra),
             )
         )
     return items

@@ -208,6 +208,7 @@ class PackStage:
             audio_samples=task.audio_samples if task.has_audio else 0,
             pipeline_version=PIPELINE_VERSION,
             config_hash=self.config_hash,
+            extra=dict(item.extra),
         )
         members = [(frame_suffix(i), jpg) for i, jpg in enumerate(task.frames)]
         if task.has_audio:

@@ -29,6 +29,8 @@ __all__ = [
     "DEMO_SHAPES",
     "DEMO_SOUNDS",
     "ClipSpec",
+    "DemoClip",
+    "demo_clips",
     "demo_specs",
     "make_broken",
     "make_clip",
@@ -240,10 +242,26 @@ def make_broken(
     return out
 
 
+@dataclass(frozen=True)
+class DemoClip:
+    """One demo clip: how to make it, its captions and what it shows and sounds like."""
+
+    spec: ClipSpec
+    captions: list[str]
+    attributes: dict[str, str]
+
+
 def demo_specs(
     *, width: int = 160, height: int = 120, fps: float = 10.0, duration: float = 2.0
 ) -> list[tuple[ClipSpec, list[str]]]:
     """Every colour x shape x motion x sound combination as (spec, captions)."""
+    return [(c.spec, c.captions) for c in demo_clips(width, height, fps, duration)]
+
+
+def demo_clips(
+    width: int = 160, height: int = 120, fps: float = 10.0, duration: float = 2.0
+) -> list[DemoClip]:
+    """Every colour x shape x motion x sound combination, with captions and attributes."""
     out = []
     for (colour, ffcolour), shape, motion, (sound, source) in itertools.product(
         DEMO_COLOURS.items(), DEMO_SHAPES, DEMO_MOTIONS, DEMO_SOUNDS.items()
@@ -278,7 +296,8 @@ def demo_specs(
             f"a {colour} {shape} {moving} with {sound}",
             f"{sound} while a {colour} {shape} is {moving} on black",
         ]
-        out.append((spec, captions))
+        attributes = {"colour": colour, "shape": shape, "motion": motion, "sound": sound}
+        out.append(DemoClip(spec, captions, attributes))
     return out
 
 
@@ -296,10 +315,12 @@ def make_demo_dataset(folder: str | Path, *, count: int | None = None, **size: A
     """Make demo clips (the first `count` combinations; all 96 by default) and
     `captions.jsonl` in `folder`; returns the manifest path."""
     root = Path(folder)
-    specs = demo_specs(**size)[:count]
+    clips = demo_clips(**size)[:count]
     rows = []
-    for i, (spec, captions) in enumerate(specs):
+    for i, clip in enumerate(clips):
         name = f"demo_{i:04d}.mp4"
-        make_clip(spec, root / name)
-        rows.append({"id": f"demo_{i:04d}", "video": name, "captions": captions})
+        make_clip(clip.spec, root / name)
+        rows.append(
+            {"id": f"demo_{i:04d}", "video": name, "captions": clip.captions, **clip.attributes}
+        )
     return write_jsonl(rows, root / "captions.jsonl")

@@ -41,6 +41,25 @@ def test_jsonl_rows_resolve_relative_paths_and_keep_every_caption(tmp_path):
     assert all(i.reason is None for i in items)
 
 
+def test_extra_row_fields_are_kept_as_metadata_and_odd_ones_refused(tmp_path):
+    uri = _jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {"id": "a", "video": "a.mp4", "captions": ["x"], "label": "red", "tags": ["p", 2]},
+            {"id": "b", "video": "b.mp4", "captions": ["y"], "score": 0.5, "ok": True},
+        ],
+    )
+    items = read_inputs(uri, InputsConfig())
+    assert items[0].extra == {"label": "red", "tags": ["p", 2]}
+    assert items[1].extra == {"score": 0.5, "ok": True}
+    assert fingerprint(items) != fingerprint(
+        [*items[:1], items[1].__class__(**{**items[1].to_json(), "captions": ("y",), "extra": {}})]
+    )
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"video": "a.mp4", "captions": ["x"], "meta": {"k": 1}}])
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:1: field 'meta' must be a short string"):
+        read_inputs(bad, InputsConfig())
+
+
 def test_csv_and_parquet_manifests(tmp_path):
     (tmp_path / "m.csv").write_text(
         'id,video,captions\nx,x.mp4,"[""first"", ""second""]"\ny,y.mp4,plain caption\n', "utf-8"
