@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("jobs.evaluate", "retrieval + zero-shot classification of a model"),
     "register": ("jobs.register", "log a checkpoint as an MLflow pyfunc model version"),
     "promote": ("jobs.promote", "gated move of the 'champion' alias"),
-    "rollback": ("jobs.rollback", "give 'champion' back to the previous version"),
+    "rollback": ("jobs.promote", "give 'champion' back to the previous version"),
     "submit": ("jobs.submit", "run any job on a Ray cluster through the Jobs API"),
 }
 BENCHMARKS = {"av-digits": "av_digits.py", "volume": "bench_volume.py"}
@@ -74,6 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command {name!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    if name == "rollback":  # `gram rollback` is `gram promote --rollback`
+        rest = ["--rollback", *rest]
     code: int = module.main(rest, prog=f"gram {name}")
     return code
 

@@ -56,7 +56,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     shards = steps.preprocess(clips)
     checkpoint = steps.train(shards, to_dict(cfg))
     report = steps.evaluate(checkpoint, shards["eval"])
-    registry = steps.register_and_promote(checkpoint, report, cfg.min_volume_r1)
+    registry = steps.register_and_promote(checkpoint, shards["eval"], cfg.min_volume_r1)
     return steps.summary(report, registry, time.perf_counter() - start)
 
 

@@ -105,9 +105,9 @@ def run(cfg: EvaluateConfig) -> tuple[EvaluationResult, str]:
     return result, run_id
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m jobs.evaluate") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gram evaluate",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help(EvaluateConfig),
@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.evaluate") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -128,9 +128,9 @@ def run(cfg: RegisterConfig) -> str:
     return version
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m jobs.register") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gram register",
+        prog=prog,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=config_help(RegisterConfig),
@@ -139,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, prog: str = "python -m jobs.register") -> int:
+    args = build_parser(prog).parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -13,8 +13,14 @@ from typing import Any
 
 from gram.config import from_dict
 from jobs.common.raycluster import init_ray
-from pipelines.synthetic import demo_specs, make_clip, write_jsonl
+from pipelines.synthetic import demo_clips, make_clip, write_jsonl
 
+MODEL_NAME = "gram-demo"
+CLASSIFICATION = {
+    # 16 classes: every colour x sound; a clip's class needs what is seen AND what is heard.
+    "label_fields": ["colour", "sound"],
+    "prompts": ["a {colour} shape with {sound}", "{sound} and something {colour} on screen"],
+}
 RENDERINGS: dict[str, dict[str, Any]] = {
     # Two training renderings and a held-out one: same 96 combinations, other sizes,
     # frame rates and durations, so evaluation sees clips the model never trained on.
@@ -60,10 +66,11 @@ class DemoSteps:
         for name, size in RENDERINGS.items():
             folder = self.root / "clips" / name
             rows = []
-            for i, (spec, captions) in enumerate(demo_specs(**size)):
+            for i, demo in enumerate(demo_clips(**size)):
                 clip = folder / f"{name}_{i:03d}.mp4"
-                jobs.append((spec, clip))
-                rows.append({"id": f"{name}_{i:03d}", "video": clip.name, "captions": captions})
+                jobs.append((demo.spec, clip))
+                row = {"id": f"{name}_{i:03d}", "video": clip.name, "captions": demo.captions}
+                rows.append({**row, **demo.attributes})
             manifests[name] = str(write_jsonl(rows, folder / "captions.jsonl"))
         with ThreadPoolExecutor(max_workers=2) as pool:
             list(pool.map(lambda job: make_clip(*job), jobs))
@@ -156,3 +163,133 @@ class DemoSteps:
                 },
             )["checkpoint"]
         )
+
+    def _eval_section(self, shards: str) -> dict[str, Any]:
+        return {"shards": shards, "classification": CLASSIFICATION}
+
+    def evaluate(self, checkpoint: str, shards: str) -> dict[str, Any]:
+        """Retrieval + zero-shot classification report of the trained model."""
+        from jobs.evaluate import EvaluateConfig
+        from jobs.evaluate import run as evaluate_run
+
+        if (done := self._done("evaluate", checkpoint)) is not None:
+            return dict(done["report"])
+        print("[demo] 4/5 evaluating (volume vs cosine retrieval, zero-shot classification) ...")
+        cfg = from_dict(
+            EvaluateConfig,
+            {
+                "model": checkpoint,
+                "output": str(self.root / "evaluation"),
+                "run_name": "demo-evaluation",
+                "eval": self._eval_section(shards),
+                "tracking": {"tracking_uri": self.tracking_uri, "experiment": "gram-demo"},
+            },
+        )
+        result, run_id = evaluate_run(cfg)
+        report = {
+            "metrics": result.metrics,
+            "run_id": run_id,
+            "folder": str(self.root / "evaluation"),
+        }
+        return dict(
+            self._finish("evaluate", {"report": report, "what": report["folder"]}, checkpoint)[
+                "report"
+            ]
+        )
+
+    def register_and_promote(self, checkpoint: str, shards: str, floor: float) -> dict[str, Any]:
+        """Register the checkpoint (alias candidate) and promote it through the gate."""
+        from jobs.common.promotion import PromoteConfig
+        from jobs.promote import run as promote_run
+        from jobs.register import RegisterConfig
+        from jobs.register import run as register_run
+
+        if (done := self._done("registry", checkpoint)) is not None:
+            return dict(done["registry"])
+        print("[demo] 5/5 registering and promoting in the MLflow registry ...", flush=True)
+        tracking = {"tracking_uri": self.tracking_uri, "experiment": "gram-demo"}
+        version = register_run(
+            from_dict(
+                RegisterConfig, {"checkpoint": checkpoint, "name": MODEL_NAME, "tracking": tracking}
+            )
+        )
+        outcome = promote_run(
+            from_dict(
+                PromoteConfig,
+                {
+                    "name": MODEL_NAME,
+                    "version": version,
+                    "note": "gram demo",
+                    "output": str(self.root / "promotion"),
+                    "eval": self._eval_section(shards),
+                    "gate": {"at_least": {"volume_t2i_r1": floor}},
+                    "tracking": tracking,
+                },
+            )
+        )
+        registry = {
+            "name": MODEL_NAME,
+            "version": version,
+            "promoted": outcome.passed,
+            "champion": outcome.champion_after,
+            "reasons": list(outcome.decision.reasons) if outcome.decision else [],
+        }
+        return dict(
+            self._finish(
+                "registry", {"registry": registry, "what": f"version {version}"}, checkpoint
+            )["registry"]
+        )
+
+    def summary(
+        self, report: dict[str, Any], registry: dict[str, Any], seconds: float
+    ) -> dict[str, Any]:
+        """Print where everything is and how GRAM's volume compares with cosine; return it."""
+        m = report["metrics"]
+        n = int(m.get("num_items", 0))
+        rows = [
+            ("GRAM volume, text -> (video+audio)", "volume_t2i"),
+            ("cosine, text -> video", "cosine_video_t2i"),
+            ("cosine, text -> audio", "cosine_audio_t2i"),
+        ]
+        print(f"\n== gram-ray demo done in {seconds / 60:.1f} min ==")
+        captions = int(m.get("num_captions", 0))
+        print(f"Retrieval on {n} held-out clips ({captions} captions), R@1 / R@5 / R@10 in %:")
+        for label, key in rows:
+            values = " / ".join(f"{m.get(f'{key}_r{k}', float('nan')):5.1f}" for k in (1, 5, 10))
+            print(f"  {label:<36} {values}")
+        if n:
+            chance = " / ".join(f"{100 * min(k, n) / n:5.1f}" for k in (1, 5, 10))
+            print(f"  {'chance':<36} {chance}")
+        if "zeroshot_top1" in m:
+            print(
+                f"Zero-shot classification, {int(m.get('zeroshot_num_classes', 0))} colour x sound "
+                f"classes, top-1: volume {m['zeroshot_top1']:.1f}%, cosine video "
+                f"{m.get('zeroshot_cosine_video_top1', float('nan')):.1f}%, cosine audio "
+                f"{m.get('zeroshot_cosine_audio_top1', float('nan')):.1f}%"
+            )
+        verdict = (
+            "promoted to champion"
+            if registry["promoted"]
+            else "NOT promoted: " + "; ".join(registry["reasons"])
+        )
+        print(f"Registry: models:/{registry['name']}/{registry['version']} {verdict}")
+        db = self.tracking_uri.removeprefix("sqlite:///")
+        print("Where things are:")
+        for label, where in (
+            ("clips", self.root / "clips"),
+            ("shards", self.root / "shards"),
+            ("checkpoints", self.root / "runs" / "demo"),
+            ("report", Path(report["folder"]) / "report.json"),
+            ("MLflow", self.tracking_uri),
+        ):
+            print(f"  {label:<12} {where}")
+        print(f"Open the MLflow UI:  mlflow ui --backend-store-uri sqlite:///{db} --port 5000")
+        print(
+            f"Load the champion:   mlflow.pyfunc.load_model('models:/{registry['name']}@champion')"
+        )
+        return {
+            "seconds": seconds,
+            "metrics": m,
+            "registry": registry,
+            "tracking_uri": self.tracking_uri,
+        }
