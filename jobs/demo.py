@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class DemoConfig:
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
     """Run every step (skipping finished ones) and return the summary."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     steps = DemoSteps(Path(cfg.output).resolve(), config_hash(cfg))
     start = time.perf_counter()
     clips = steps.make_clips()

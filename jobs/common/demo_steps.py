@@ -285,7 +285,8 @@ class DemoSteps:
             print(f"  {label:<12} {where}")
         print(f"Open the MLflow UI:  mlflow ui --backend-store-uri sqlite:///{db} --port 5000")
         print(
-            f"Load the champion:   mlflow.pyfunc.load_model('models:/{registry['name']}@champion')"
+            f"Serve the champion:  MLFLOW_TRACKING_URI={self.tracking_uri} mlflow models serve "
+            f"-m models:/{registry['name']}@champion --env-manager local --port 5001"
         )
         return {
             "seconds": seconds,
