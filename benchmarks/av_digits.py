@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/av_digits.py            # full run: 3 losses x 3 seeds x 2 splits
     PYTHONPATH=. python benchmarks/av_digits.py --quick    # smoke run (CI), a few minutes at most
 
-Real tri-modal data (issue #9): handwritten MNIST digits (as one-frame videos), spoken
+Real tri-modal data: handwritten MNIST digits (as one-frame videos), spoken
 digits from the Free Spoken Digit Dataset (CC BY-SA 4.0) and captions naming the digit,
 both media corrupted so that neither modality alone is reliable (AV-MNIST style; see
 `benchmarks/av_digits_data.py`). Everything goes through the project's own code paths:
@@ -61,6 +61,7 @@ from benchmarks.av_digits_report import (
     METHODS,
     aggregate,
     plot_accuracy,
+    plot_loss,
     plot_volumes,
     table,
 )
@@ -286,7 +287,7 @@ def _train_config(
         },
         "tracking": {"tracking_uri": cfg.tracking(), "experiment": EXPERIMENT},
         "max_steps": cfg.steps,
-        "log_every_steps": max(1, cfg.steps // 5),
+        "log_every_steps": max(1, min(10, cfg.steps // 5)),
         "report_every_steps": cfg.steps,
         "seed": seed,
     }
@@ -374,9 +375,12 @@ def train_all(cfg: BenchConfig, datasets: Sequence[Dataset]) -> list[RunRecord]:
         init_ray()
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
         share = round(max(0.1, min(1.0, cpus / cfg.parallel)), 2)
-        with ThreadPoolExecutor(max_workers=cfg.parallel, thread_name_prefix="train") as pool:
+        pool = ThreadPoolExecutor(max_workers=cfg.parallel, thread_name_prefix="train")
+        try:
             futures = {p.name: pool.submit(_train_one, cfg, p, share) for p in todo}
             done = {name: f.result() for name, f in futures.items()}
+        finally:  # on an error or Ctrl-C: start nothing new (stopping Ray ends the running fits)
+            pool.shutdown(wait=False, cancel_futures=True)
     return [cached[p.name] or done[p.name] for p in plans]
 
 
@@ -464,6 +468,33 @@ def _settings_lines(cfg: BenchConfig, info: dict[str, Any]) -> list[str]:
     ]
 
 
+def loss_curves(
+    cfg: BenchConfig, runs: Sequence[RunRecord]
+) -> dict[tuple[str, str], list[tuple[list[int], list[float]]]]:
+    """Training loss per step of every run, read back from MLflow (where the training job
+    logged it), grouped by (split, method). Empty when the tracking store cannot be read."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking())
+    curves: dict[tuple[str, str], list[tuple[list[int], list[float]]]] = {}
+    try:
+        for r in runs:
+            if not r.mlflow_run_id:
+                continue
+            history = sorted(client.get_metric_history(r.mlflow_run_id, "loss"), key=_step)
+            steps = [m.step for m in history]
+            curves.setdefault((r.split, r.method), []).append((steps, [m.value for m in history]))
+    except MlflowException as exc:
+        log.warning("no loss curves: MLflow at %s cannot be read (%s)", cfg.tracking(), exc)
+        return {}
+    return curves
+
+
+def _step(metric: Any) -> int:
+    return int(metric.step)
+
+
 def write_report(
     cfg: BenchConfig,
     info: dict[str, Any],
@@ -486,6 +517,9 @@ def write_report(
         ),
         "results": out / "results.json",
     }
+    curves = loss_curves(cfg, runs)
+    if curves:
+        paths["loss"] = plot_loss(curves, out / "av_digits_loss.png", cfg.batch_size)
     runtime = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
     doc = [
         "# AV-digits: GRAM volume vs pairwise cosine",
@@ -565,7 +599,7 @@ class Mode:
     parallel: int
 
 
-_FULL = Mode(seeds=(0, 1, 2), steps=400, train_takes=(5, 50), test_takes=(0, 5), parallel=3)
+_FULL = Mode(seeds=(0, 1, 2), steps=500, train_takes=(5, 50), test_takes=(0, 5), parallel=3)
 _QUICK = Mode(seeds=(0,), steps=10, train_takes=(5, 6), test_takes=(0, 1), parallel=6)
 
 
@@ -741,6 +775,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: finished runs are kept in {args.out / 'runs'}; "
+            "run the same command again to go on from them",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 

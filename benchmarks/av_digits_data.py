@@ -89,11 +89,11 @@ _WAV_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 class Corruption:
     """How each modality is made ambiguous on its own (AV-MNIST style)."""
 
-    image_noise_std: float = 0.3
+    image_noise_std: float = 0.2
     """Std of additive Gaussian pixel noise, pixels in [0, 1] (then clipped)."""
-    image_occlusion: int = 10
+    image_occlusion: int = 8
     """Side in pixels of a mid-grey square pasted at a random place on the 28 x 28 digit."""
-    audio_snr_db: float = 0.0
+    audio_snr_db: float = 6.0
     """SNR of additive white Gaussian noise, relative to the recording's mean power."""
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "Aggregate",
     "aggregate",
     "plot_accuracy",
+    "plot_loss",
     "plot_volumes",
     "table",
 ]
@@ -200,6 +201,43 @@ def plot_volumes(volumes: Mapping[str, Mapping[str, Tensor]], path: Path, title:
     axes[0][0].set_ylabel("density")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_loss(
+    curves: Mapping[tuple[str, str], Sequence[tuple[Sequence[int], Sequence[float]]]],
+    path: Path,
+    batch_size: int,
+) -> Path:
+    """Training loss against step per method (mean over seeds), one panel per split.
+
+    Every loss is a mean of cross-entropies over the batch, so ln(batch) is chance for all.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    splits = [s for s in SPLITS if any(key[0] == s for key in curves)]
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 3.6), squeeze=False)
+    colours = dict(zip(METHODS, ("tab:red", "tab:blue", "tab:gray"), strict=True))
+    for ax, split in zip(axes[0], splits, strict=True):
+        for method in METHODS:
+            runs = curves.get((split, method), [])
+            if not runs:
+                continue
+            length = min(len(steps) for steps, _ in runs)
+            steps = list(runs[0][0])[:length]
+            mean = np.mean([list(v)[:length] for _, v in runs], axis=0)
+            ax.plot(steps, mean, color=colours[method], label=METHODS[method])
+        ax.axhline(float(np.log(batch_size)), color="black", linestyle=":", linewidth=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss (mean over seeds)")
+        ax.set_title(f"AV-digits, {SPLITS[split]}; dotted: ln(batch) = chance")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

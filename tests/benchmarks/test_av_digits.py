@@ -231,7 +231,7 @@ def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     for label in ("GRAM volume", "text-anchored", "all pairs"):
         assert doc.count(label) == 4, label  # 2 splits x 2 tables
     assert doc.count("| held-out speaker |") == 6
-    for png in ("av_digits_accuracy.png", "av_digits_volumes.png"):
+    for png in ("av_digits_accuracy.png", "av_digits_volumes.png", "av_digits_loss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     assert len(results["runs"]) == 6
