@@ -32,8 +32,8 @@ from pathlib import Path
 import psutil
 
 from pipelines.config import PreprocessConfig
-from pipelines.inputs import read_inputs
-from pipelines.stages import build_stages, process_item
+from pipelines.inputs import InputItem, read_inputs
+from pipelines.stages import Stage, build_stages, process_item
 from pipelines.synthetic import ClipSpec, make_clip, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +41,10 @@ SHARED_MEDIA = Path(os.environ.get("GRAM_SHARED_DATA", REPO.parent / "shared" / 
 BENCH_SPEC = ClipSpec(width=640, height=360, fps=25, duration=5.0, audio_channels=2)
 SMALL_SPEC = ClipSpec(width=320, height=180, fps=25, duration=2.0, audio_channels=2)
 
-_STAGES = None
+_STAGES: list[Stage] | None = None  # set in each pool worker by `_init_bound`
 
 
-def _make(args):
+def _make(args: tuple[ClipSpec, str]) -> str:
     spec, path = args
     if not Path(path).exists():
         make_clip(spec, path)
@@ -82,16 +82,19 @@ def repeat_manifest(source: Path, times: int, dest: Path) -> Path:
     return dest
 
 
-def _init_bound():
+def _init_bound() -> None:
     global _STAGES
     _STAGES = build_stages(PreprocessConfig())
 
 
-def _bound_one(item):
-    return process_item(_STAGES, item, timeout_s=300).row["status"]
+def _bound_one(item: InputItem) -> str:
+    if _STAGES is None:
+        raise RuntimeError("_bound_one runs in a pool initialised by _init_bound")
+    status: str = process_item(_STAGES, item, timeout_s=300).row["status"]
+    return status
 
 
-def bound(manifest: Path, procs: int) -> dict:
+def bound(manifest: Path, procs: int) -> dict[str, float]:
     """The same per-clip work in a plain process pool: clips/s."""
     items = read_inputs(str(manifest), PreprocessConfig().inputs)
     start = time.perf_counter()
@@ -174,7 +177,7 @@ def child(args: argparse.Namespace) -> None:
     )
 
 
-def pipeline(manifest: Path, cpus: int, warmup: Path | None) -> dict:
+def pipeline(manifest: Path, cpus: int, warmup: Path | None) -> dict[str, float]:
     """Run `child` in a subprocess (a fresh Ray each time) and return its JSON."""
     cmd = [sys.executable, __file__, "--child", "--manifest", str(manifest), "--cpus", str(cpus)]
     if warmup is not None:
@@ -184,7 +187,8 @@ def pipeline(manifest: Path, cpus: int, warmup: Path | None) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"pipeline run failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out: dict[str, float] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
 
 
 def main() -> None:
@@ -203,7 +207,11 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     work = Path(args.work)
     n_main, n_small, n_large = (40, 100, 400) if args.quick else (200, 500, 2000)
-    results: dict[str, dict] = {"machine": {"cpus": cpus, "load_avg_at_start": os.getloadavg()}}
+    machine: dict[str, int | tuple[float, float, float]] = {
+        "cpus": cpus,
+        "load_avg_at_start": os.getloadavg(),
+    }
+    results: dict[str, dict[str, float]] = {}
     print(f"generating clips in {work} ...", flush=True)
     bench = make_set(work / "bench640", BENCH_SPEC, n_main, n_main)
     small = make_set(work / "small320", SMALL_SPEC, 50, n_large)
@@ -224,7 +232,7 @@ def main() -> None:
     print("memory: 500 vs 2000 inputs ...", flush=True)
     results["memory_small"] = pipeline(small_500, cpus, warm)
     results["memory_large"] = pipeline(small, cpus, warm)
-    results["machine"]["load_avg_at_end"] = os.getloadavg()
+    machine["load_avg_at_end"] = os.getloadavg()
 
     def ratio(a: str, b: str) -> float:
         return results[a]["clips_per_s"] / results[b]["clips_per_s"]
@@ -253,13 +261,12 @@ def main() -> None:
             f"({r['clips_per_s']:.1f} clips/s)"
         )
     lines.append(
-        f"load average start/end: {results['machine']['load_avg_at_start']} / "
-        f"{results['machine']['load_avg_at_end']}"
+        f"load average start/end: {machine['load_avg_at_start']} / {machine['load_avg_at_end']}"
     )
     print("\n".join(lines))
     out = REPO / "results" / "bench_preprocess.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**results, "summary": lines}, indent=2))
+    out.write_text(json.dumps({"machine": machine, **results, "summary": lines}, indent=2))
     print(f"wrote {out}")
 
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -44,15 +45,20 @@ def naive_volume_matrix(anchor: torch.Tensor, *others: torch.Tensor) -> torch.Te
         return (vecs[p] * vecs[q]).sum(-1)[None, :].expand(na, nb)
 
     gram = torch.stack([torch.stack([entry(p, q) for q in range(k)], -1) for p in range(k)], -2)
-    return torch.linalg.det(gram).abs().sqrt()
+    det: torch.Tensor = torch.linalg.det(gram)
+    return det.abs().sqrt()
 
 
 def floor(anchor: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
     """The k-1 dot-product planes only: the work every method must do."""
-    return sum((anchor @ o.t()).sum() for o in others)  # type: ignore[return-value]
+    return sum(((anchor @ o.t()).sum() for o in others), torch.zeros(()))
 
 
-METHODS = {"gram": volume_matrix, "naive": naive_volume_matrix, "floor": floor}
+class Method(Protocol):
+    def __call__(self, anchor: torch.Tensor, /, *others: torch.Tensor) -> torch.Tensor: ...
+
+
+METHODS: dict[str, Method] = {"gram": volume_matrix, "naive": naive_volume_matrix, "floor": floor}
 
 
 def child(method: str, b: int, k: int, d: int, repeats: int) -> None:
@@ -62,14 +68,14 @@ def child(method: str, b: int, k: int, d: int, repeats: int) -> None:
     fn = METHODS[method]
     inputs = [torch.randn(b, d, requires_grad=True) for _ in range(k)]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fn(*inputs).sum().backward()
+    torch.autograd.backward(fn(*inputs).sum())
     extra_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     times = []
     for _ in range(repeats):
         for t in inputs:
             t.grad = None
         start = time.perf_counter()
-        fn(*inputs).sum().backward()
+        torch.autograd.backward(fn(*inputs).sum())
         times.append(time.perf_counter() - start)
     print(json.dumps({"seconds": min(times), "extra_mib": extra_mib}))
 

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -127,6 +128,10 @@ class SyntheticClips:
 
     def __len__(self) -> int:
         return self.num_clips
+
+    def __iter__(self) -> Iterator[dict[str, object]]:
+        """The shard samples of clips 0 .. len - 1, in order."""
+        return (self[i] for i in range(self.num_clips))
 
     def _rng(self, index: int, stream: str) -> random.Random:
         return random.Random(f"{self.seed}-{index}-{stream}")

@@ -1,0 +1,1 @@
+"""Benchmarks, run as scripts from a source checkout (`python benchmarks/NAME.py`)."""
