@@ -655,15 +655,34 @@ def test_planned_references_still_missing():
 # --- cluster launcher ---------------------------------------------------------------------
 
 
-def test_cluster_launcher_config_is_valid_for_ray():
-    import jsonschema
-    import ray.autoscaler
-    from ray.autoscaler._private.util import prepare_config, validate_config
+# Ray's own launcher validation, in a child process: importing the autoscaler loads Ray's
+# process-wide auth-token cache, which must stay unset in the test process until it joins
+# the session cluster.
+_VALIDATE_LAUNCHER_CONFIG = """
+import json, pathlib, sys
+import jsonschema
+import ray.autoscaler
+from ray.autoscaler._private.util import prepare_config, validate_config
+config = json.load(sys.stdin)
+schema = pathlib.Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+jsonschema.validate(config, json.loads(schema.read_text()))
+validate_config(prepare_config(config))
+print("valid")
+"""
 
+
+def test_cluster_launcher_config_is_valid_for_ray():
     config = yaml_docs(INFRA / "cluster" / "aws.yaml")[0]
-    schema_path = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
-    jsonschema.validate(config, json.loads(schema_path.read_text()))
-    validate_config(prepare_config(json.loads(json.dumps(config))))
+    res = subprocess.run(
+        [sys.executable, "-c", _VALIDATE_LAUNCHER_CONFIG],
+        input=json.dumps(config),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert res.returncode == 0, f"Ray rejects infra/cluster/aws.yaml:\n{res.stderr[-3000:]}"
+    assert res.stdout.strip() == "valid"
 
     node_types = config["available_node_types"]
     assert config["head_node_type"] in node_types

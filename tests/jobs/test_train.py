@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -387,7 +388,9 @@ def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster,
 def test_secrets_never_reach_outputs_logs_checkpoints_or_mlflow(tmp_path, ray_cluster, s3_server):
     """Sentinel credentials (moto takes any) in the environment and in the config: none of
     them may show up in the output, the checkpoints, the MLflow store or Ray's own logs."""
-    key_id, secret = "AKIASENTINEL7QJ3XW9", "SENTINEL/secret+key/9f8e7d6c5b4a"
+    # Made up per run, so no copy of this source (e.g. an uploaded working dir) holds them.
+    key_id = "AKIA" + secrets.token_hex(8).upper()
+    secret = f"SENTINEL/{secrets.token_urlsafe(12)}+key/{secrets.token_hex(6)}"
     env = {**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
     bucket = s3_server.make_bucket("secrets")
     s3_cfg = {"endpoint_url": s3_server.endpoint_url, "access_key_id": key_id,
