@@ -374,7 +374,7 @@ def train_all(cfg: BenchConfig, datasets: Sequence[Dataset]) -> list[RunRecord]:
     if todo:
         init_ray()
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
-        share = round(max(0.1, min(1.0, cpus / cfg.parallel)), 2)
+        share = max(0.1, min(1.0, math.floor(100 * cpus / cfg.parallel) / 100))  # sum <= cpus
         pool = ThreadPoolExecutor(max_workers=cfg.parallel, thread_name_prefix="train")
         try:
             futures = {p.name: pool.submit(_train_one, cfg, p, share) for p in todo}

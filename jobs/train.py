@@ -111,8 +111,9 @@ def run(cfg: TrainConfig) -> TrainResult:
     run_id = tracker.wait_for_run(timeout=15) or ""
     print(
         f"training {cfg.model!r} on {total} samples in {len(shards)} shards: "
-        f"{per_epoch} steps/epoch (of {cfg.optim.accumulation_steps} micro-batch(es)) x "
-        f"{cfg.epochs} epoch(s) -> {total_steps} steps, {cfg.scaling.workers} worker(s) x batch "
+        f"{per_epoch} steps/epoch (of {cfg.optim.accumulation_steps} micro-batch(es)) -> "
+        f"{total_steps} steps ({'max_steps' if cfg.max_steps else f'{cfg.epochs} epoch(s)'}, "
+        f"{total_steps / per_epoch:.1f} epochs), {cfg.scaling.workers} worker(s) x batch "
         f"{cfg.data.batch_size}",
         flush=True,
     )

@@ -240,7 +240,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     accum = optim_cfg.accumulation_steps
     global_batch = cfg.data.batch_size * world * accum
-    line = ProgressLine(plan.total_steps, cfg.epochs, global_batch, progress.step)
+    epochs = -(-plan.total_steps // plan.steps_per_epoch)  # what max_steps leaves of cfg.epochs
+    line = ProgressLine(plan.total_steps, epochs, global_batch, progress.step)
     step, stats, last_saved = progress.step, {}, progress.step
     wait_mark, time_mark = loader.wait_seconds, time.perf_counter()
     while step < plan.total_steps:
