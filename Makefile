@@ -12,7 +12,7 @@ help:
 	@echo "make demo   set up, then run the whole pipeline end to end on local Ray + sqlite MLflow"
 	@echo "make test   set up, then lint, type-check and run the full test suite"
 	@echo "make setup  create $(VENV) with every Python dependency and install ffmpeg"
-	@echo "make bench  run the benchmarks in benchmarks/"
+	@echo "make bench  run the speed benchmarks in benchmarks/ (about 30 minutes)"
 
 setup: $(STAMP) ffmpeg
 
@@ -44,8 +44,13 @@ test: setup
 demo: setup
 	$(PY) -m jobs.demo
 
+# The speed benchmarks (about 30 minutes on 2 cores); the AV-digits quality
+# benchmark is `gram bench av-digits` (needs ../shared/data/av-digits).
 bench: setup
-	$(PY) benchmarks/bench_volume.py
+	PYTHONPATH=. $(PY) benchmarks/bench_volume.py
+	PYTHONPATH=. $(PY) benchmarks/bench_model.py
+	PYTHONPATH=. $(PY) benchmarks/bench_train.py
+	PYTHONPATH=. $(PY) benchmarks/bench_preprocess.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

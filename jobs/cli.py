@@ -32,7 +32,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rollback": ("jobs.promote", "give 'champion' back to the previous version"),
     "submit": ("jobs.submit", "run any job on a Ray cluster through the Jobs API"),
 }
-BENCHMARKS = {"av-digits": "av_digits.py", "volume": "bench_volume.py"}
+BENCHMARKS = {
+    "av-digits": "av_digits.py",
+    "volume": "bench_volume.py",
+    "model": "bench_model.py",
+    "train": "bench_train.py",
+    "preprocess": "bench_preprocess.py",
+}
 _REPO = Path(__file__).resolve().parents[1]
 
 
