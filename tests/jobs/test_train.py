@@ -220,6 +220,14 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen[str])
         time.sleep(0.05)
 
 
+def _registered(run_dir: Path) -> bool:
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return bool(json.loads(snapshot.read_text())["checkpoint_results"])
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def _max_step(audit_file: Path) -> int:
     if not audit_file.exists():
         return 0
@@ -250,6 +258,9 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
     )
     try:
         _wait_for(lambda: _max_step(audit / "rank1.jsonl") >= 6, 300, "step 6 on rank 1", proc)
+        # Ray Train registers a reported checkpoint a moment later (in its controller):
+        # kill only once it is on record, so there is a checkpoint to resume from.
+        _wait_for(lambda: _registered(tmp_path / "runs" / "fault"), 300, "a checkpoint", proc)
         victim = next(
             json.loads(x)["pid"]
             for x in (audit / "starts.jsonl").read_text().splitlines()
