@@ -30,7 +30,7 @@ from packaging.requirements import Requirement
 
 from gram.config import from_dict, read_config_file
 from jobs.common.secrets import is_secret_name
-from jobs.submit import DEFAULT_EXCLUDES, SubmitConfig
+from jobs.common.submission import DEFAULT_EXCLUDES, SubmitConfig
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

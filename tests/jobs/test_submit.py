@@ -22,15 +22,14 @@ import pytest
 
 from gram.config import ConfigError
 from jobs.common.jobs_api import EXIT_CLUSTER, EXIT_USAGE, JobsApiError, connect, find_token
-from jobs.submit import (
+from jobs.common.submission import (
     DEFAULT_EXCLUDES,
     SubmitConfig,
     build_parser,
     config_from_args,
-    main,
     prepare,
-    run,
 )
+from jobs.submit import main, run
 
 REPO = Path(__file__).resolve().parents[2]
 NONCE = "probe-nonce-5d1e0c"
