@@ -39,6 +39,19 @@ _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_T
 _MAX_PARAM_CHARS = 6000
 _BATCH_METRICS = 1000
 _BATCH_PARAMS = 100
+# MLflow error codes no retry can fix (the server answered and said no): such a call is
+# settled at once instead of being retried as if the server were away.
+_REFUSED = frozenset(
+    {
+        "INVALID_PARAMETER_VALUE",
+        "BAD_REQUEST",
+        "INVALID_STATE",
+        "RESOURCE_ALREADY_EXISTS",
+        "RESOURCE_DOES_NOT_EXIST",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+    }
+)
 
 
 @dataclass
@@ -252,34 +265,70 @@ class Tracker:
         )
 
     def _drain(self, client: Any) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.exceptions import MlflowException
 
         while True:
             with self._cond:
                 if not self._ops:
                     return
                 op = self._ops[0]
-            if op.kind == "metrics":
-                for i in range(0, len(op.payload), _BATCH_METRICS):
-                    batch = [
-                        Metric(k, v, ts, st) for k, v, ts, st in op.payload[i : i + _BATCH_METRICS]
-                    ]
-                    client.log_batch(self._run_id, metrics=batch, synchronous=True)
-            elif op.kind == "params":
-                items = list(op.payload.items())
-                for i in range(0, len(items), _BATCH_PARAMS):
-                    params = [Param(k, v) for k, v in items[i : i + _BATCH_PARAMS]]
-                    client.log_batch(self._run_id, params=params, synchronous=True)
-            elif op.kind == "tags":
-                client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in op.payload.items()])
-            else:
-                path, artifact_path = op.payload
-                client.log_artifact(self._run_id, path, artifact_path)
+            try:
+                self._send(client, op)
+            except MlflowException as exc:
+                if exc.error_code not in _REFUSED:
+                    raise
+                self._refused(client, op, exc)
             with self._cond:
                 self._ops.popleft()
                 if op.kind == "metrics":
                     self._pending_metrics -= len(op.payload)
                 self._delivered += 1
+
+    def _send(self, client: Any, op: _Op) -> None:
+        """Deliver one logging call (raises MlflowException when the server fails or refuses)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        if op.kind == "metrics":
+            for i in range(0, len(op.payload), _BATCH_METRICS):
+                batch = [
+                    Metric(k, v, ts, st) for k, v, ts, st in op.payload[i : i + _BATCH_METRICS]
+                ]
+                client.log_batch(self._run_id, metrics=batch, synchronous=True)
+        elif op.kind == "params":
+            items = list(op.payload.items())
+            for i in range(0, len(items), _BATCH_PARAMS):
+                params = [Param(k, v) for k, v in items[i : i + _BATCH_PARAMS]]
+                client.log_batch(self._run_id, params=params, synchronous=True)
+        elif op.kind == "tags":
+            client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in op.payload.items()])
+        else:
+            path, artifact_path = op.payload
+            client.log_artifact(self._run_id, path, artifact_path)
+
+    def _refused(self, client: Any, op: _Op, exc: Exception) -> None:
+        """Settle a call the server refused. Params are the known case: MLflow never changes a
+        logged param, so a run resumed with another config keeps the first values, gets the
+        new keys, and records each changed value as a tag `changed_param.<key>`."""
+        from mlflow.entities import Param, RunTag
+
+        if op.kind != "params":
+            log.warning("MLflow at %s refused a %s call, dropped: %s", self.uri, op.kind, exc)
+            return
+        logged = client.get_run(self._run_id).data.params
+        new = [Param(k, v) for k, v in op.payload.items() if k not in logged]
+        changed = {k: v for k, v in op.payload.items() if k in logged and logged[k] != v}
+        for i in range(0, len(new), _BATCH_PARAMS):
+            client.log_batch(self._run_id, params=new[i : i + _BATCH_PARAMS], synchronous=True)
+        if changed:
+            tags = [RunTag(f"changed_param.{k}", v) for k, v in changed.items()]
+            client.log_batch(self._run_id, tags=tags, synchronous=True)
+            log.warning(
+                "MLflow run %s already holds other values for %s (a resumed run with a changed "
+                "config): the params keep the first values, the new ones are tags %s",
+                self._run_id,
+                ", ".join(sorted(changed)),
+                ", ".join(f"changed_param.{k}" for k in sorted(changed)),
+            )
 
     def _unreachable(self, exc: Exception) -> None:
         if self._down_since is None:

@@ -45,6 +45,32 @@ def test_disabled_tracker_is_a_no_op(tmp_path):
     assert not (tmp_path / "x.db").exists()
 
 
+def test_resumed_run_with_changed_params_keeps_logging(tmp_path, caplog):
+    """MLflow refuses to change a logged param: a run resumed with another config records the
+    new values as tags and goes on delivering metrics (no retry loop, no stalled close)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first = Tracker(TrackingConfig(tracking_uri=uri), run_name="r")
+    first.log_params({"max_steps": 10, "lr": 0.1})
+    first.log_metrics({"loss": 1.0}, step=1)
+    assert first.close()
+
+    with caplog.at_level(logging.WARNING, logger="jobs.common.tracking"):
+        again = Tracker(TrackingConfig(tracking_uri=uri, retry_seconds=0.1), run_id=first.run_id)
+        again.log_params({"max_steps": 20, "lr": 0.1, "seed": 3})
+        again.log_metrics({"loss": 0.5}, step=2)
+        start = time.monotonic()
+        assert again.close(timeout=30)
+    assert time.monotonic() - start < 10
+    run = MlflowClient(tracking_uri=uri).get_run(first.run_id)
+    assert run.data.params == {"max_steps": "10", "lr": "0.1", "seed": "3"}
+    assert run.data.tags["changed_param.max_steps"] == "20"
+    assert "changed_param.lr" not in run.data.tags
+    history = MlflowClient(tracking_uri=uri).get_metric_history(first.run_id, "loss")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert "changed_param.max_steps" in caplog.text
+    assert "unreachable" not in caplog.text
+
+
 @pytest.mark.slow
 def test_server_outage_warns_keeps_going_and_delivers_after_return(tmp_path, caplog):
     server = MlflowServer(root=tmp_path / "srv").start()
