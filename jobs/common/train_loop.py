@@ -30,8 +30,10 @@ from jobs.common.training import (
     Progress,
     ProgressLine,
     TrainConfig,
+    data_layout,
     download_checkpoint,
     load_trainer_state,
+    resume_position,
     save_checkpoint_dir,
 )
 
@@ -161,11 +163,18 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         source = cfg.checkpoint.resume_from
     # The MLflow run is this run's (the driver's), also when starting from another run's checkpoint.
     progress.mlflow_run_id = plan.mlflow_run_id or progress.mlflow_run_id
+    layout = data_layout(
+        [f"{s.url} {s.count}" for s in plan.shards], world, cfg.data.batch_size,
+        cfg.optim.accumulation_steps, cfg.seed,
+    )  # fmt: skip
+    moved = resume_position(progress, layout)
     if rank == 0 and progress.step:
         print(
             f"resumed at step {progress.step} (epoch {progress.epoch + 1}) from {source}",
             flush=True,
         )
+        if moved:
+            print(f"warning: {moved}", flush=True)
 
     loss.to(device)
     tokenizer = model.tokenizer

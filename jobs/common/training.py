@@ -15,6 +15,7 @@ A checkpoint is a folder:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -148,6 +149,37 @@ class Progress:
     epoch_step: int = 0
     samples_seen: int = 0
     mlflow_run_id: str = ""
+    data_layout: str = ""
+    """What `epoch_step` counts in (`data_layout()`): the position is only meaningful with it."""
+
+
+def data_layout(
+    shards: list[str], workers: int, batch_size: int, accumulation: int, seed: int
+) -> str:
+    """The settings that decide which samples the first `epoch_step` steps of an epoch read
+    (`shards`: one `"<uri> <count>"` per shard), e.g.
+    `shards 3f2a9c01d4e5 (12) | 2 workers x batch 8 x 1 | seed 0`."""
+    digest = hashlib.sha256("\n".join(shards).encode()).hexdigest()[:12]
+    return (
+        f"shards {digest} ({len(shards)}) | {workers} workers x batch {batch_size} x "
+        f"{accumulation} | seed {seed}"
+    )
+
+
+def resume_position(progress: Progress, layout: str) -> str:
+    """Keep `progress`'s place in its epoch when it was reached with `layout`; otherwise
+    start that epoch again from its first batch (the shard order and the per-rank split are
+    different, so no sample count can point at the same place). Returns a warning, or ''."""
+    saved, progress.data_layout = progress.data_layout, layout
+    if not saved or saved == layout or progress.epoch_step == 0:
+        return ""
+    done = progress.epoch_step
+    progress.epoch_step = 0
+    return (
+        f"the data layout changed since the checkpoint ({saved} -> {layout}): epoch "
+        f"{progress.epoch + 1} starts again from its first batch ({done} step(s) of it are "
+        "trained twice)"
+    )
 
 
 def save_checkpoint_dir(

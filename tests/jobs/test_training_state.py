@@ -16,7 +16,9 @@ from jobs.common.training import (
     Progress,
     ProgressLine,
     TrainConfig,
+    data_layout,
     load_trainer_state,
+    resume_position,
     save_checkpoint_dir,
 )
 
@@ -76,3 +78,33 @@ def test_progress_line_reads_well():
     text = line.line(120, 0, {"loss": 1.234, "temperature": 0.061, "lr": 1e-4}, rate, 0.03)
     assert text.startswith("step 120/400 (30%) epoch 1/2 | loss 1.2340 tau 0.0610 lr 1.00e-04")
     assert "samples/s | data wait 3% | ETA" in text
+
+
+def test_resume_keeps_the_epoch_position_only_with_the_same_data_layout():
+    shards = ["s3://b/train-000000.tar 64", "s3://b/train-000001.tar 64"]
+    layout = data_layout(shards, workers=2, batch_size=8, accumulation=1, seed=0)
+    assert layout == data_layout(list(shards), 2, 8, 1, 0)
+    assert "2 workers x batch 8 x 1" in layout
+
+    same = Progress(step=5, epoch=1, epoch_step=3, data_layout=layout)
+    assert resume_position(same, layout) == ""
+    assert (same.epoch, same.epoch_step) == (1, 3)
+
+    for other in (
+        data_layout(shards, 4, 8, 1, 0),  # more workers: another per-rank split
+        data_layout(shards, 2, 16, 1, 0),  # another batch: another sample count per step
+        data_layout(shards, 2, 8, 1, 1),  # another seed: another shuffle
+        data_layout(shards[:1], 2, 8, 1, 0),  # other data
+    ):
+        assert other != layout
+        moved = Progress(step=5, epoch=1, epoch_step=3, data_layout=layout)
+        warning = resume_position(moved, other)
+        assert "epoch 2 starts again" in warning
+        assert "3 step(s)" in warning
+        assert (moved.step, moved.epoch, moved.epoch_step) == (5, 1, 0)
+        assert moved.data_layout == other
+
+    unknown = Progress(step=5, epoch=1, epoch_step=3)  # a checkpoint that did not record it
+    assert resume_position(unknown, layout) == ""
+    assert unknown.epoch_step == 3
+    assert unknown.data_layout == layout
