@@ -408,7 +408,8 @@ def _test_batches(cfg: BenchConfig, folder: Path) -> tuple[list[dict[str, Any]],
         collate=collate,
         shuffle_buffer=1,
     )
-    batches = list(loader.epoch(0))
+    with loader:
+        batches = list(loader.epoch(0))
     keys = [k for b in batches for k in b["keys"]]
     digits = []
     for key in keys:
@@ -600,7 +601,7 @@ class Mode:
 
 
 _FULL = Mode(seeds=(0, 1, 2), steps=500, train_takes=(5, 50), test_takes=(0, 5), parallel=3)
-_QUICK = Mode(seeds=(0,), steps=10, train_takes=(5, 6), test_takes=(0, 1), parallel=6)
+_QUICK = Mode(seeds=(0,), steps=10, train_takes=(5, 6), test_takes=(0, 1), parallel=3)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -63,15 +63,16 @@ def baseline(data: str, steps: int, batch: int) -> float:
         decode_threads=2,
     )
     done, epoch, start = 0, 0, 0.0
-    while done < steps + 20:
-        for b in loader.epoch(epoch):
-            train_step(model, loss, optimizer, b, scheduler=scheduler)
-            done += 1
-            if done == 20:
-                start = time.perf_counter()
-            if done == steps + 20:
-                break
-        epoch += 1
+    with loader:
+        while done < steps + 20:
+            for b in loader.epoch(epoch):
+                train_step(model, loss, optimizer, b, scheduler=scheduler)
+                done += 1
+                if done == 20:
+                    start = time.perf_counter()
+                if done == steps + 20:
+                    break
+            epoch += 1
     return steps * batch / (time.perf_counter() - start)
 
 

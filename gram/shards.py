@@ -31,7 +31,7 @@ import random
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any
@@ -185,6 +185,36 @@ def _shuffled(items: Iterator[RawSample], size: int, rng: random.Random) -> Iter
 _END = object()
 
 
+class _Reader:
+    """One daemon thread that runs a loader's epoch producers, one after another (a daemon,
+    so an epoch left suspended never holds up the interpreter's exit)."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="shards", daemon=True).start()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def run(self, job: Callable[[], None]) -> threading.Event:
+        """Queue `job`; the returned event is set once it has finished."""
+        done = threading.Event()
+
+        def wrapped() -> None:
+            try:
+                job()
+            finally:
+                done.set()
+
+        self._jobs.put(wrapped)
+        return done
+
+    def close(self) -> None:
+        """The thread ends after the jobs already queued."""
+        self._jobs.put(None)
+
+
 class ShardLoader:
     """Batches for one rank, epoch by epoch, with background reading, decoding and prefetch.
 
@@ -234,6 +264,32 @@ class ShardLoader:
         self.wait_seconds = 0.0
         self.skipped = 0
         self.total_samples = sum(s.count for s in self.shards)
+        self._threads: tuple[_Reader, ThreadPoolExecutor] | None = None
+
+    def __enter__(self) -> ShardLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the reading and decoding threads (a later `epoch()` starts them again)."""
+        if self._threads is not None:
+            reader, pool = self._threads
+            reader.close()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._threads = None
+
+    def _workers(self) -> tuple[_Reader, ThreadPoolExecutor]:
+        """(reader, decoders), kept for every epoch: new threads each epoch make glibc hand
+        out new malloc arenas, and a long run's memory then grows epoch after epoch
+        (measured with the tiny model: +150-180 MiB over 31 epochs, flat with the threads kept)."""
+        if self._threads is None:
+            self._threads = (
+                _Reader(),
+                ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode"),
+            )
+        return self._threads
 
     def _collate(self, futures: list[Any]) -> Any:
         decoded = [f.result() for f in futures]
@@ -272,35 +328,35 @@ class ShardLoader:
         rng = _epoch_rng(self.seed, epoch, self.rank, 1)
         return _shuffled(in_order(), self.shuffle_buffer, rng)
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Any]:
+    def epoch(self, epoch: int, skip: int = 0) -> Generator[Any, None, None]:
         """Batches of `epoch`, after skipping the first `skip` samples (to resume mid-epoch)."""
         out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
 
+        reader, pool = self._workers()
+
         def produce() -> None:
             try:
-                with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
-                    batch: list[Any] = []
-                    for i, raw in enumerate(self.raw_samples(epoch)):
-                        if stop.is_set():
-                            return
-                        if i < skip:
-                            continue
-                        # Per-sample randomness follows the sample, not the rank or the
-                        # position: any number of ranks sees the same augmented sample.
-                        rng = _epoch_rng(self.seed, epoch, raw["__key__"])
-                        batch.append(pool.submit(self.decode, raw, rng))
-                        if len(batch) == self.batch_size:
-                            out.put(self._collate(batch))
-                            batch = []
-                    if batch:
+                batch: list[Any] = []
+                for i, raw in enumerate(self.raw_samples(epoch)):
+                    if stop.is_set():
+                        return
+                    if i < skip:
+                        continue
+                    # Per-sample randomness follows the sample, not the rank or the
+                    # position: any number of ranks sees the same augmented sample.
+                    rng = _epoch_rng(self.seed, epoch, raw["__key__"])
+                    batch.append(pool.submit(self.decode, raw, rng))
+                    if len(batch) == self.batch_size:
                         out.put(self._collate(batch))
+                        batch = []
+                if batch:
+                    out.put(self._collate(batch))
                 out.put(_END)
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 out.put(exc)
 
-        thread = threading.Thread(target=produce, name=f"shards-epoch{epoch}", daemon=True)
-        thread.start()
+        produced = reader.run(produce)
         try:
             while True:
                 start = time.perf_counter()
@@ -313,6 +369,6 @@ class ShardLoader:
                 yield item
         finally:
             stop.set()
-            while thread.is_alive():
+            while not produced.is_set():
                 with contextlib.suppress(queue.Empty):
                     out.get(timeout=0.1)

@@ -220,7 +220,8 @@ def embed_shards(
             labels.extend(batch_labels)
             yield batch
 
-    emb = embed_for_retrieval(model, batches())
+    with loader:
+        emb = embed_for_retrieval(model, batches())
     return ClipEmbeddings(
         keys, emb.items, emb.present, emb.text, emb.text_to_item, labels, skipped=loader.skipped
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -217,11 +218,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     def run_eval(step: int) -> dict[str, float]:
         if not plan.eval_shards:
             return {}
-        batches = make_loader(plan.eval_shards, train=False).epoch(0)
         limit = cfg.data.eval_max_batches or None
-        metrics = {
-            f"eval_{k}": v for k, v in evaluate(ddp_model, batches, max_batches=limit).items()
-        }
+        eval_loader = make_loader(plan.eval_shards, train=False)
+        with eval_loader, contextlib.closing(eval_loader.epoch(0)) as batches:
+            metrics = {
+                f"eval_{k}": v for k, v in evaluate(ddp_model, batches, max_batches=limit).items()
+            }
         if tracker is not None:
             tracker.log_metrics(metrics, step=step)
             print(
@@ -297,6 +299,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     final_eval = run_eval(step)
     if last_saved != step or final_eval:
         checkpoint_and_report(step, {**stats, **final_eval}, save=True)
+    loader.close()
     if audit is not None:
         audit.close()
     if tracker is not None:

@@ -147,9 +147,30 @@ def test_decode_errors_and_index_mismatch_reach_the_consumer(tmp_path):
 
 def test_consumer_waits_are_measured_and_early_exit_stops_the_producer(tmp_path):
     shards = _dataset(tmp_path, [40])
+    with _loader(shards, 0, 1) as loader:
+        it = loader.epoch(0)
+        next(it)
+        it.close()  # the producer stops and frees the reader: the next epoch runs in full
+        assert loader.wait_seconds > 0.0
+        assert sum(len(b) for b in loader.epoch(1)) == 40
+
+
+def _loader_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith(("shards", "decode"))}
+
+
+def test_reading_and_decoding_threads_are_kept_across_epochs_and_closed(tmp_path):
+    """New threads every epoch make a long run's memory grow (glibc malloc arenas)."""
+    shards = _dataset(tmp_path, [9, 13])
+    before = _loader_threads()
     loader = _loader(shards, 0, 1)
-    it = loader.epoch(0)
-    next(it)
-    it.close()
-    assert loader.wait_seconds > 0.0
-    assert not [t for t in threading.enumerate() if t.name.startswith("shards-epoch")]
+    list(loader.epoch(0))
+    ours = _loader_threads() - before
+    assert len(ours) == 1 + 3  # one reader, decode_threads=3
+    for epoch in range(1, 6):
+        assert sum(len(b) for b in loader.epoch(epoch)) == 22
+    assert _loader_threads() - before == ours
+    loader.close()
+    for thread in ours:
+        thread.join(timeout=5)
+    assert not [t for t in ours if t.is_alive()]

@@ -85,12 +85,15 @@ def test_thousands_of_clips_preprocess_with_flat_driver_memory(tmp_path, ray_clu
 
 
 def test_two_thousand_training_steps_without_memory_growth_or_slowdown(tmp_path, ray_cluster):
+    """One worker with a small batch: the soak is about the job's own memory and throughput
+    over many steps and epochs (the 2-worker path is covered in tests/jobs/test_train.py)."""
     data = tmp_path / "shards"
     write_sample_shards(SyntheticClips(256, seed=4), str(data), samples_per_shard=64)
     db = tmp_path / "mlflow.db"
     cmd = [
         sys.executable, "-m", "jobs.train", "--config", str(REPO / "jobs/configs/train.yaml"),
-        "name=soak", f"data.train={data}", "data.eval=", "data.batch_size=8", "max_steps=2000",
+        "name=soak", f"data.train={data}", "data.eval=", "scaling.workers=1",
+        "data.batch_size=4", "max_steps=2000",
         "epochs=1000", "log_every_steps=50", "report_every_steps=500",
         "checkpoint.every_steps=1000", f"checkpoint.storage={tmp_path / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{db}",
@@ -112,5 +115,6 @@ def test_two_thousand_training_steps_without_memory_growth_or_slowdown(tmp_path,
     grown = max(rss[-quarter:]) - statistics.median(rss[quarter : 2 * quarter])
     print(f"\nrank-0 RSS {rss[quarter]:.0f} -> {rss[-1]:.0f} MiB", end="; ")
     print(f"samples/s {first_rate:.0f} -> {last_rate:.0f}")
-    assert grown < 64, f"rank-0 memory grew {grown:.0f} MiB over the last 1,500 steps"
+    # Loader threads made anew every epoch grew this by ~150 MiB (glibc malloc arenas).
+    assert grown < 40, f"rank-0 memory grew {grown:.0f} MiB over the last 1,500 steps"
     assert last_rate > 0.6 * first_rate, "throughput decayed over the run"
