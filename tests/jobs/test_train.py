@@ -284,32 +284,37 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
 
 
 def test_explicit_resume_continues_the_step_count_and_the_schedule(tmp_path, ray_cluster, shards):
+    """A new run started from another run's step-5 checkpoint ends at step 10 with the
+    learning rates and the weights of the run that went to step 10 straight."""
     common = [
         f"data.train={shards['train']}",
         "data.eval=",
         "data.batch_size=4",
         "optim.warmup_steps=3",
-    ]
-    straight = _train(tmp_path, "name=straight", "max_steps=10", *common)
-    first = _train(tmp_path, "name=part1", "max_steps=5", "schedule_steps=10", *common)
-    second = _train(
-        tmp_path,
-        "name=part2",
         "max_steps=10",
-        "schedule_steps=10",
-        f"checkpoint.resume_from={_final_checkpoint(first.stdout)}",
-        *common,
+    ]
+    straight = _train(
+        tmp_path, "name=straight", "checkpoint.every_steps=5", "checkpoint.keep=2", *common
     )
-    assert "resumed at step 5" in second.stdout
+    at_step = {
+        json.loads((p / "state.json").read_text())["progress"]["step"]: p
+        for p in (tmp_path / "runs" / "straight").glob("checkpoint_*")
+        if p.is_dir()
+    }
+    assert sorted(at_step) == [5, 10]
+    resumed = _train(tmp_path, "name=resumed", f"checkpoint.resume_from={at_step[5]}", *common)
+    assert "resumed at step 5" in resumed.stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     lr_straight = {
         m.step: m.value for m in client.get_metric_history(_run_id(straight.stdout), "lr")
     }
-    lr_resumed = {m.step: m.value for m in client.get_metric_history(_run_id(second.stdout), "lr")}
+    lr_resumed = {m.step: m.value for m in client.get_metric_history(_run_id(resumed.stdout), "lr")}
+    assert sorted(lr_straight) == list(range(1, 11))
     assert sorted(lr_resumed) == list(range(6, 11))
+    assert lr_straight[3] > lr_straight[10]  # warmup, then the cosine decay
     for step, value in lr_resumed.items():
         assert value == pytest.approx(lr_straight[step], rel=1e-9)
-    a, b = _weights(_final_checkpoint(straight.stdout)), _weights(_final_checkpoint(second.stdout))
+    a, b = _weights(at_step[10]), _weights(_final_checkpoint(resumed.stdout))
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
 
