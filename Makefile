@@ -16,13 +16,14 @@ help:
 
 setup: $(STAMP) ffmpeg
 
-# torch first, from the pinned CPU build; then the project with every extra.
+# torch first with pip, from the pinned CPU build; then the project with every
+# extra, resolved and installed by uv (the same versions pip picks; ~20 s instead of ~5 min).
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python >= 3.11 needed)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip uv
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -e ".[dev]"
 	touch $(STAMP)
 
 ffmpeg:
