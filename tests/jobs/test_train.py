@@ -135,40 +135,71 @@ def test_two_workers_on_two_nodes_train_checkpoint_and_log(tmp_path, ray_cluster
     assert run.data.metrics["eval_num_items"] == 24  # 24 eval clips over 2 ranks: none dropped
 
 
-def test_shards_and_checkpoints_on_s3_with_an_mlflow_server(
+def test_s3_shards_and_checkpoints_with_an_mlflow_server_and_no_secret_anywhere(
     tmp_path, ray_cluster, s3_server, mlflow_server
 ):
+    """Shards and checkpoints on S3, metrics on a real MLflow server, and sentinel credentials
+    (moto takes any) in the environment and in the config: none of them may show up in the
+    output, the checkpoints, the MLflow store or Ray's own logs."""
+    # Made up per run, so no copy of this source (e.g. an uploaded working dir) holds them.
+    key_id = "AKIA" + secrets.token_hex(8).upper()
+    secret = f"SENTINEL/{secrets.token_urlsafe(12)}+key/{secrets.token_hex(6)}"
     bucket = s3_server.make_bucket("train-s3")
     write_sample_shards(
         SyntheticClips(32, seed=5), f"s3://{bucket}/shards/train", samples_per_shard=8
     )
-    res = _train(
-        tmp_path,
-        "name=s3run",
-        f"data.train=s3://{bucket}/shards/train",
-        "data.eval=",
-        "data.batch_size=8",
-        "epochs=1",
-        "checkpoint.every_steps=1",
-        f"checkpoint.storage=s3://{bucket}/runs",
-        f"tracking.tracking_uri={mlflow_server.url}",
-        "tracking.experiment=s3",
+    res = subprocess.run(
+        _cmd(
+            tmp_path,
+            "name=s3run",
+            f"data.train=s3://{bucket}/shards/train",
+            "data.eval=",
+            "data.batch_size=8",
+            "epochs=1",
+            "checkpoint.every_steps=1",
+            f"checkpoint.storage=s3://{bucket}/runs",
+            f"tracking.tracking_uri={mlflow_server.url}",
+            "tracking.experiment=s3",
+            f"s3.secret_access_key={secret}",
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret},
+        timeout=600,
     )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     uri = (
         next(x for x in res.stdout.splitlines() if "checkpoint:" in x)
         .split("checkpoint:")[1]
         .strip()
     )
     assert uri.startswith(f"s3://{bucket}/runs/s3run/checkpoint_")
-    keys = {
-        o["Key"]
-        for o in s3_server.client().list_objects_v2(Bucket=bucket, Prefix="runs/s3run/")["Contents"]
-    }
+    s3 = s3_server.client()
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]}
     prefix = uri.removeprefix(f"s3://{bucket}/")
     assert {f"{prefix}/model.safetensors", f"{prefix}/trainer.pt", f"{prefix}/state.json"} <= keys
     run = MlflowClient(tracking_uri=mlflow_server.url).get_run(_run_id(res.stdout))
     assert run.data.tags["final_checkpoint"] == uri
     assert run.data.metrics["loss"] > 0
+    assert run.data.params["s3.secret_access_key"] == "***"
+
+    sentinels = (key_id.encode(), secret.encode())
+    leaks = [
+        where
+        for where in ("stdout", "stderr")
+        for s in sentinels
+        if s in getattr(res, where).encode()
+    ]
+    for key in keys:
+        data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        leaks += [f"s3://{bucket}/{key}" for s in sentinels if s in data]
+    for root in (tmp_path, ray_cluster.temp_dir, mlflow_server.root):
+        for path in root.rglob("*"):
+            if path.is_file() and path.stat().st_size < 50_000_000:
+                data = path.read_bytes()
+                leaks += [str(path) for s in sentinels if s in data]
+    assert not leaks, f"secrets found in: {sorted(set(leaks))}"
 
 
 def test_two_workers_with_half_batches_equal_one_worker_with_the_whole_batch(tmp_path, ray_cluster):
@@ -399,53 +430,3 @@ def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster,
         server.stop()
     steps = sorted(m.step for m in history)
     assert steps == list(range(1, 25)), out[-6000:]  # nothing lost
-
-
-def test_secrets_never_reach_outputs_logs_checkpoints_or_mlflow(tmp_path, ray_cluster, s3_server):
-    """Sentinel credentials (moto takes any) in the environment and in the config: none of
-    them may show up in the output, the checkpoints, the MLflow store or Ray's own logs."""
-    # Made up per run, so no copy of this source (e.g. an uploaded working dir) holds them.
-    key_id = "AKIA" + secrets.token_hex(8).upper()
-    secret = f"SENTINEL/{secrets.token_urlsafe(12)}+key/{secrets.token_hex(6)}"
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
-    bucket = s3_server.make_bucket("secrets")
-    s3_cfg = {"endpoint_url": s3_server.endpoint_url, "access_key_id": key_id,
-              "secret_access_key": secret}  # fmt: skip
-    from pipelines.storage import S3Config
-
-    write_sample_shards(
-        SyntheticClips(16, seed=3),
-        f"s3://{bucket}/train",
-        samples_per_shard=8,
-        s3=S3Config(**s3_cfg),
-    )
-    res = subprocess.run(
-        _cmd(
-            tmp_path,
-            "name=secrets",
-            f"data.train=s3://{bucket}/train",
-            "data.eval=",
-            "data.batch_size=4",
-            "max_steps=2",
-            f"s3.secret_access_key={secret}",
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    leaks = []
-    for where, text in (("stdout", res.stdout), ("stderr", res.stderr)):
-        leaks += [where for s in (key_id, secret) if s in text]
-    for root in (tmp_path, ray_cluster.temp_dir):
-        for path in root.rglob("*"):
-            if path.is_file() and path.stat().st_size < 50_000_000:
-                data = path.read_bytes()
-                leaks += [str(path) for s in (key_id, secret) if s.encode() in data]
-    assert not leaks, f"secrets found in: {sorted(set(leaks))}"
-    run = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(
-        _run_id(res.stdout)
-    )
-    assert run.data.params["s3.secret_access_key"] == "***"
