@@ -265,6 +265,7 @@ class ShardLoader:
         self.skipped = 0
         self.total_samples = sum(s.count for s in self.shards)
         self._threads: tuple[_Reader, ThreadPoolExecutor] | None = None
+        self._producing: threading.Event | None = None  # set once the open epoch is done
 
     def __enter__(self) -> ShardLoader:
         return self
@@ -333,6 +334,11 @@ class ShardLoader:
         out: queue.Queue[Any] = queue.Queue(maxsize=self.prefetch_batches)
         stop = threading.Event()
 
+        if self._producing is not None and not self._producing.is_set():
+            raise RuntimeError(
+                "an earlier epoch of this loader is still open: exhaust or close() its "
+                "iterator before starting another (the epochs share one reading thread)"
+            )
         reader, pool = self._workers()
 
         def produce() -> None:
@@ -356,7 +362,7 @@ class ShardLoader:
             except BaseException as exc:  # handed to the consumer, which re-raises it
                 out.put(exc)
 
-        produced = reader.run(produce)
+        produced = self._producing = reader.run(produce)
         try:
             while True:
                 start = time.perf_counter()

@@ -155,6 +155,17 @@ def test_consumer_waits_are_measured_and_early_exit_stops_the_producer(tmp_path)
         assert sum(len(b) for b in loader.epoch(1)) == 40
 
 
+def test_a_second_epoch_while_one_is_open_is_refused_not_left_waiting(tmp_path):
+    shards = _dataset(tmp_path, [40])
+    with _loader(shards, 0, 1) as loader:
+        first = loader.epoch(0)
+        next(first)
+        with pytest.raises(RuntimeError, match="still open"):
+            next(loader.epoch(1))
+        first.close()
+        assert sum(len(b) for b in loader.epoch(1)) == 40
+
+
 def _loader_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith(("shards", "decode"))}
 
