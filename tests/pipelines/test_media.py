@@ -184,11 +184,15 @@ def test_audio_is_16k_mono_and_exactly_as_long_as_asked(media_dir, name):
     assert not padded[-4000:].any()
 
 
-def test_separate_audio_files_are_checked_in_process_or_by_ffprobe(media_dir, tmp_path):
+def test_separate_audio_files_are_checked_in_process_or_by_ffprobe(
+    media_dir, tmp_path, monkeypatch
+):
     tone = (np.sin(np.arange(8000) / 3.0) * 9000).astype(np.int16)
-    for name in ("sep.wav", "sep.flac"):  # libsndfile reads these headers: no process
-        soundfile.write(tmp_path / name, tone, SAMPLE_RATE)
-        assert media.has_audio_stream(str(tmp_path / name), timeout_s=30)
+    with monkeypatch.context() as no_tools:
+        no_tools.setenv("PATH", str(tmp_path))  # no ffprobe to start: libsndfile must answer
+        for name in ("sep.wav", "sep.flac"):
+            soundfile.write(tmp_path / name, tone, SAMPLE_RATE)
+            assert media.has_audio_stream(str(tmp_path / name), timeout_s=30)
     # Containers libsndfile does not read go to ffprobe: with and without an audio track.
     assert media.has_audio_stream(str(media_dir["h264_aac.mp4"].path), timeout_s=30)
     assert not media.has_audio_stream(str(media_dir["h264_noaudio.mp4"].path), timeout_s=30)
