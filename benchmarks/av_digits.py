@@ -600,7 +600,7 @@ class Mode:
     parallel: int
 
 
-_FULL = Mode(seeds=(0, 1, 2), steps=500, train_takes=(5, 50), test_takes=(0, 5), parallel=3)
+_FULL = Mode(seeds=(0, 1, 2), steps=300, train_takes=(5, 50), test_takes=(0, 5), parallel=3)
 _QUICK = Mode(seeds=(0,), steps=10, train_takes=(5, 6), test_takes=(0, 1), parallel=3)
 
 
