@@ -10,7 +10,9 @@ gathers every modality's embeddings across all workers with gradient, so every
 volume sees the global batch as negatives. Checkpoints go to
 `<checkpoint.storage>/<name>/`; a worker that dies is replaced and training
 resumes from the latest checkpoint, and re-running the same `name` resumes the
-run. Connects to $RAY_ADDRESS when set, else starts Ray on this machine.
+run. Connects to $RAY_ADDRESS when set, else starts Ray on this machine;
+`scaling.workers=0` runs the loop in this process instead (Ray Train's local mode,
+no cluster), e.g. to debug or for many small runs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from jobs.common.cli import add_config_arguments, config_help, git_commit
 from jobs.common.raycluster import init_ray, secret_env, storage_filesystem
 from jobs.common.tracking import Tracker
 from jobs.common.train_loop import RunPlan, train_loop_per_worker
-from jobs.common.training import TrainConfig
+from jobs.common.training import TrainConfig, run_checkpoints
 from pipelines import storage
 from pipelines.writer import read_index
 
@@ -63,16 +65,11 @@ def read_shards(uri: str, s3: storage.S3Config) -> tuple[list[ShardInfo], str]:
 
 def _resumed_run_id(cfg: TrainConfig, s3: storage.S3Config) -> str:
     """The MLflow run of an earlier attempt with this name, from its latest checkpoint."""
-    run_dir = storage.join(cfg.checkpoint.storage, cfg.name)
-    try:
-        files = storage.list_files(run_dir, s3=s3)
-    except storage.StorageNotFoundError:
+    saved = run_checkpoints(storage.join(cfg.checkpoint.storage, cfg.name), s3)
+    if not saved:
         return ""
-    states = [f for f in files if f.uri.endswith("/state.json")]
-    if not states:
-        return ""
-    latest = max(states, key=lambda f: f.uri)
-    return str(json.loads(storage.read_bytes(latest.uri, s3=s3))["progress"]["mlflow_run_id"])
+    state = json.loads(storage.read_bytes(storage.join(saved[-1], "state.json"), s3=s3))
+    return str(state["progress"]["mlflow_run_id"])
 
 
 def run(cfg: TrainConfig) -> TrainResult:
@@ -86,11 +83,13 @@ def run(cfg: TrainConfig) -> TrainResult:
     shards, fingerprint = read_shards(cfg.data.train, s3)
     eval_shards = read_shards(cfg.data.eval, s3)[0] if cfg.data.eval else []
     total = sum(s.count for s in shards)
-    batches = steps_per_epoch(total, cfg.scaling.workers, cfg.data.batch_size)
+    local = cfg.scaling.workers == 0  # Ray Train's local mode: the loop runs in this process
+    world = max(1, cfg.scaling.workers)
+    batches = steps_per_epoch(total, world, cfg.data.batch_size)
     per_epoch = -(-batches // cfg.optim.accumulation_steps)
     if per_epoch < 1:
         raise ConfigError(
-            f"{total} training samples are too few for {cfg.scaling.workers} workers: "
+            f"{total} training samples are too few for {world} worker(s): "
             "lower scaling.workers or add data"
         )
     total_steps = cfg.max_steps or per_epoch * cfg.epochs
@@ -109,16 +108,17 @@ def run(cfg: TrainConfig) -> TrainResult:
     )
     tracker.set_tags({"git_commit": git_commit(), "gram.run_name": cfg.name})
     run_id = tracker.wait_for_run(timeout=15) or ""
+    where = "in this process (local mode)" if local else f"{world} worker(s)"
     print(
         f"training {cfg.model!r} on {total} samples in {len(shards)} shards: "
         f"{per_epoch} steps/epoch (of {cfg.optim.accumulation_steps} micro-batch(es)) -> "
         f"{total_steps} steps ({'max_steps' if cfg.max_steps else f'{cfg.epochs} epoch(s)'}, "
-        f"{total_steps / per_epoch:.1f} epochs), {cfg.scaling.workers} worker(s) x batch "
-        f"{cfg.data.batch_size}",
+        f"{total_steps / per_epoch:.1f} epochs), {where} x batch {cfg.data.batch_size}",
         flush=True,
     )
 
-    init_ray()
+    if not local:
+        init_ray()
     fs, storage_path = storage_filesystem(cfg.checkpoint.storage, s3)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:

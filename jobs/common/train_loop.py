@@ -34,9 +34,12 @@ from jobs.common.training import (
     data_layout,
     download_checkpoint,
     load_trainer_state,
+    persist_checkpoint,
     resume_position,
+    run_checkpoints,
     save_checkpoint_dir,
 )
+from pipelines import storage
 
 log = logging.getLogger("gram.train")
 
@@ -56,12 +59,16 @@ class RunPlan:
 
 
 def _open_shard(s3: Any) -> Any:
-    from pipelines import storage
-
     def open_shard(url: str) -> Any:
         return storage.open_read(url, s3=s3)
 
     return open_shard
+
+
+def _run_dir(cfg: TrainConfig) -> str:
+    """`<checkpoint.storage>/<name>`, where this run's checkpoints go (local paths absolute)."""
+    root = cfg.checkpoint.storage
+    return storage.join(root if storage.is_s3(root) else os.path.abspath(root), cfg.name)
 
 
 def _decoder(cfg: DecodeConfig, *, train: bool) -> Any:
@@ -134,6 +141,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     random.seed(cfg.seed + rank)
     device = ray_torch.get_device()
     s3 = cfg.s3.resolved()
+    local = cfg.scaling.workers == 0  # local mode: no Ray Train storage, the loop persists
+    run_dir = _run_dir(cfg)
 
     mcfg = model_config(cfg.model, cfg.model_overrides)
     model = build_model(mcfg)
@@ -154,9 +163,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     progress = Progress(mlflow_run_id=plan.mlflow_run_id)
     source = ""
     checkpoint = ray.train.get_checkpoint()
+    saved = run_checkpoints(run_dir, s3) if local else []
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             progress = _restore(Path(folder), model, loss, optimizer, scheduler)
+        source = "the run's latest checkpoint"
+    elif saved:
+        folder = download_checkpoint(saved[-1], s3)
+        progress = _restore(folder, model, loss, optimizer, scheduler)
         source = "the run's latest checkpoint"
     elif cfg.checkpoint.resume_from:
         folder = download_checkpoint(cfg.checkpoint.resume_from, s3)
@@ -207,7 +221,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         start = {
             "rank": rank,
-            "node_id": ray.get_runtime_context().get_node_id(),
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
             "pid": os.getpid(),
             "step": progress.step,
         }
@@ -247,6 +261,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             if rank == 0:
                 save_checkpoint_dir(Path(tmp), ddp_model, loss, optimizer, scheduler, progress, cfg)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
+            if local:
+                uri = persist_checkpoint(Path(tmp), run_dir, cfg.checkpoint.keep, s3)
+                fs, path = storage.pyarrow_filesystem(uri, s3=s3)
+                ckpt = ray.train.Checkpoint(path, filesystem=fs)
             ray.train.report(metrics, checkpoint=ckpt)
 
     accum = optim_cfg.accumulation_steps

@@ -19,9 +19,11 @@ import hashlib
 import json
 import logging
 import random
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +33,7 @@ from gram.config import ConfigError, to_dict
 from gram.train import OptimConfig
 from jobs.common.secrets import redact
 from jobs.common.tracking import TrackingConfig
+from pipelines import storage
 from pipelines.storage import S3Config
 
 log = logging.getLogger("gram.train")
@@ -68,7 +71,12 @@ class LossSection:
 
 @dataclass
 class ScalingSection:
-    """Ray Train workers. On a 2-CPU machine keep cpus_per_worker * workers <= CPUs."""
+    """Ray Train workers. On a 2-CPU machine keep cpus_per_worker * workers <= CPUs.
+
+    workers = 0 is Ray Train's local mode: the loop runs in the calling process, with no
+    Ray cluster and no actors to start (for debugging and small runs); checkpoints,
+    resuming and MLflow work as with workers.
+    """
 
     workers: int = 2
     use_gpu: bool = False
@@ -77,8 +85,8 @@ class ScalingSection:
     threads_per_worker: int = 1
 
     def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"scaling.workers must be >= 1, got {self.workers}")
+        if self.workers < 0:
+            raise ConfigError(f"scaling.workers must be >= 0 (0 = local mode), got {self.workers}")
         if self.cpus_per_worker <= 0:
             raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
 
@@ -221,9 +229,54 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
     return state
 
 
+CHECKPOINT_PREFIX = "checkpoint_"
+"""Checkpoint folders in `<storage>/<name>/` are `checkpoint_<time>`, oldest first by name."""
+
+
+def run_checkpoints(run_dir: str, s3: S3Config) -> list[str]:
+    """URIs of the complete checkpoint folders of a run (those with a `state.json`, which is
+    written last), oldest first; empty when the run has none yet."""
+
+    try:
+        files = storage.list_files(run_dir, s3=s3)
+    except storage.StorageNotFoundError:
+        return []
+    base = storage.join(run_dir)  # normalised the way list_files spells its URIs
+    folders = {storage.parent(f.uri) for f in files if f.uri.endswith("/state.json")}
+    mine = [f for f in folders if storage.parent(f) == base]
+    return sorted(f for f in mine if f.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX))
+
+
+def persist_checkpoint(folder: Path, run_dir: str, keep: int, s3: S3Config) -> str:
+    """Copy the checkpoint `folder` to a new `<run_dir>/checkpoint_<UTC time>` and delete
+    all but the newest `keep` of the run's checkpoints; returns the new folder's URI.
+
+    `state.json` is copied last and deleted first, so a folder cut short by a crash is
+    never taken for a checkpoint (`run_checkpoints`). Ray Train does this for its
+    workers; in local mode (`scaling.workers = 0`) the loop calls it itself.
+    """
+
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d_%H-%M-%S.%f")
+    dest = storage.join(run_dir, f"{CHECKPOINT_PREFIX}{stamp}")
+    files = sorted((p for p in folder.rglob("*") if p.is_file()), key=_state_json_last)
+    for path in files:
+        storage.put_file(storage.join(dest, *path.relative_to(folder).parts), path, s3=s3)
+    for old in run_checkpoints(run_dir, s3)[:-keep]:
+        storage.delete(storage.join(old, "state.json"), s3=s3)
+        if storage.is_s3(old):
+            for f in storage.list_files(old, s3=s3):
+                storage.delete(f.uri, s3=s3)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    return dest
+
+
+def _state_json_last(path: Path) -> tuple[bool, str]:
+    return path.name == "state.json", str(path)
+
+
 def download_checkpoint(uri: str, s3: S3Config) -> Path:
     """A local copy of the checkpoint folder at `uri` (local folders are used in place)."""
-    from pipelines import storage
 
     if not storage.is_s3(uri):
         folder = Path(uri)

@@ -56,9 +56,11 @@ def _cmd(tmp: Path, *overrides: str) -> list[str]:
     ]
 
 
-def _train(tmp: Path, *overrides: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def _train(
+    tmp: Path, *overrides: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(
-        _cmd(tmp, *overrides), cwd=REPO, capture_output=True, text=True, timeout=timeout
+        _cmd(tmp, *overrides), cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env
     )
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     return res
@@ -386,6 +388,40 @@ def test_a_killed_job_started_again_with_the_same_name_resumes(tmp_path, ray_clu
     assert state["progress"]["step"] == 24
     for keys in _effective_keys(audit).values():
         assert len(keys) == len(set(keys)) == 48
+
+
+def test_local_mode_trains_without_a_cluster_keeps_checkpoints_and_resumes(tmp_path, shards):
+    """scaling.workers=0: the loop runs in the job's process (RAY_ADDRESS points nowhere, so
+    any use of a cluster fails), persists its own checkpoints with `keep`, and the same name
+    run again goes on from the latest one, in the same MLflow run."""
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9"}
+    args = [
+        "name=inproc",
+        f"data.train={shards['train']}",
+        "data.eval=",
+        "data.batch_size=8",
+        "scaling.workers=0",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=2",
+        "schedule_steps=10",
+    ]
+    first = _train(tmp_path, *args, "max_steps=6", env=env)
+    assert "in this process (local mode)" in first.stdout
+    runs = tmp_path / "runs" / "inproc"
+    kept = sorted(p for p in runs.glob("checkpoint_*") if p.is_dir())
+    steps = [json.loads((p / "state.json").read_text())["progress"]["step"] for p in kept]
+    assert steps == [4, 6]  # every 2 steps, keep=2
+    assert _final_checkpoint(first.stdout) == kept[-1]
+
+    again = _train(tmp_path, *args, "max_steps=10", env=env)
+    assert "resumed at step 6" in again.stdout
+    final = _final_checkpoint(again.stdout)
+    assert json.loads((final / "state.json").read_text())["progress"]["step"] == 10
+    assert len([p for p in runs.glob("checkpoint_*") if p.is_dir()]) == 2
+    assert _run_id(again.stdout) == _run_id(first.stdout)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    losses = client.get_metric_history(_run_id(again.stdout), "loss")
+    assert sorted(m.step for m in losses) == list(range(1, 11))
 
 
 def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster, shards):

@@ -1,7 +1,9 @@
-"""Training checkpoints without Ray: round trip, and no code runs when loading one."""
+"""Training checkpoints without Ray: round trip, persisting with retention (local folders
+and the S3 test server), and no code runs when loading one."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 
@@ -18,9 +20,13 @@ from jobs.common.training import (
     TrainConfig,
     data_layout,
     load_trainer_state,
+    persist_checkpoint,
     resume_position,
+    run_checkpoints,
     save_checkpoint_dir,
 )
+from pipelines import storage
+from pipelines.storage import S3Config
 
 
 def _parts():
@@ -108,3 +114,39 @@ def test_resume_keeps_the_epoch_position_only_with_the_same_data_layout():
     assert resume_position(unknown, layout) == ""
     assert unknown.epoch_step == 3
     assert unknown.data_layout == layout
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_persisted_checkpoints_keep_the_newest_and_ignore_a_half_copied_folder(
+    where, tmp_path, request
+):
+    if where == "s3":
+        server = request.getfixturevalue("s3_server")
+        run_dir, s3 = f"s3://{server.make_bucket('persist')}/runs/job", S3Config().resolved()
+    else:
+        run_dir, s3 = str(tmp_path / "runs" / "job"), S3Config()
+    model, loss, optimizer, scheduler = _parts()
+    cfg = TrainConfig(name="job")
+    made = []
+    for step in (2, 4, 6):
+        folder = save_checkpoint_dir(
+            tmp_path / f"ckpt{step}", model, loss, optimizer, scheduler, Progress(step=step), cfg
+        )
+        made.append(persist_checkpoint(folder, run_dir, keep=2, s3=s3))
+    # a copy cut short by a crash: files, but no state.json (it is always copied last)
+    storage.put_bytes(
+        storage.join(run_dir, "checkpoint_9999-12-31_00-00-00.000000", "x"), b"", s3=s3
+    )
+    storage.put_bytes(storage.join(run_dir, "other", "state.json"), b"{}", s3=s3)
+
+    kept = run_checkpoints(run_dir, s3)
+    assert kept == made[1:]  # keep=2: the oldest is gone, the newest last
+    assert not [f for f in storage.list_files(run_dir, s3=s3) if f.uri.startswith(made[0])]
+    steps = [
+        json.loads(storage.read_bytes(storage.join(k, "state.json"), s3=s3))["progress"]["step"]
+        for k in kept
+    ]
+    assert steps == [4, 6]
+    names = {f.uri.rsplit("/", 1)[-1] for f in storage.list_files(kept[-1], s3=s3)}
+    assert names == {"model.safetensors", "trainer.pt", "state.json"}
+    assert run_checkpoints(storage.join(run_dir, "missing"), s3) == []
