@@ -211,7 +211,7 @@ class Tracker:
     def _loop(self) -> None:
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri=self.uri)
+        client = None
         while True:
             with self._cond:
                 while not self._ops and not self._closing:
@@ -220,6 +220,8 @@ class Tracker:
                     return
                 closing = self._closing
             try:
+                if client is None:  # opening a store can fail too (a server down, a busy sqlite)
+                    client = MlflowClient(tracking_uri=self.uri)
                 self._ensure_run(client)
                 self._drain(client)
                 self._recovered()
