@@ -10,9 +10,11 @@ both media corrupted so that neither modality alone is reliable (AV-MNIST style;
 
 1. media + JSONL manifest -> `jobs.preprocess` (ffprobe/ffmpeg, 16 kHz FLAC, WebDataset
    shards); cached under `<out>/data/<settings hash>/`, so reruns reuse the shards;
-2. the training job `jobs.train` (Ray Train, one worker per run, `--parallel` runs at a
-   time) for each loss (`gram`, `cosine_anchor`, `cosine_all`) x seed x split, with equal
-   steps, batch and seeds; finished runs are cached by their settings;
+2. the training job `jobs.train` for each loss (`gram`, `cosine_anchor`, `cosine_all`) x
+   seed x split, with equal steps, batch and seeds, `--parallel` runs at a time: in Ray
+   Train's local mode (`scaling.workers=0`, a pool of processes each running one run
+   after another: no actor start-up), or with `--workers 1` as a Ray Train worker each;
+   finished runs are cached by their settings;
 3. `gram.train.embed_for_retrieval`, `gram.classification` and `gram.retrieval` on the
    test clips: zero-shot classification and class-level retrieval by every scoring rule;
 4. a Markdown table, PNG plots and `results.json` in `<out>/`, all logged to MLflow
@@ -31,13 +33,14 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
 import shlex
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,6 +95,7 @@ class BenchConfig:
     holdout_speaker: str
     model: str = "tiny"
     parallel: int = 2
+    workers: int = 0
     tracking_uri: str = ""
     retrain: bool = False
     quick: bool = False
@@ -279,7 +283,13 @@ def _train_config(
         "data": {"train": str(data.train.resolve()), "batch_size": cfg.batch_size},
         "loss": {"kind": method},
         "optim": {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps},
-        "scaling": {"workers": 1, "cpus_per_worker": cpus, "threads_per_worker": 1},
+        "scaling": {
+            "workers": cfg.workers,
+            "cpus_per_worker": cpus,
+            "threads_per_worker": 1
+            if cfg.workers
+            else max(1, (os.cpu_count() or 1) // cfg.parallel),
+        },
         "checkpoint": {
             "storage": str((cfg.out_dir / "runs").resolve()),
             "every_steps": cfg.steps,
@@ -360,9 +370,23 @@ def _train_one(cfg: BenchConfig, plan: PlannedRun, cpus: float) -> RunRecord:
     return record
 
 
+def _log_to_stderr() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"
+    )
+
+
+def _train_in_child(cfg: BenchConfig, plan: PlannedRun) -> dict[str, Any]:
+    """`_train_one` in local mode in a pool process; the record comes back as a plain dict."""
+    return dataclasses.asdict(_train_one(cfg, plan, cpus=1.0))
+
+
 def train_all(cfg: BenchConfig, datasets: Sequence[Dataset]) -> list[RunRecord]:
-    """Every planned run: cached ones are reused, the rest trained `cfg.parallel` at a time,
-    each with an equal share of the local Ray's CPUs."""
+    """Every planned run: cached ones are reused, the rest trained `cfg.parallel` at a time.
+
+    Local mode (`cfg.workers == 0`) keeps one Ray Train context per process, so parallel
+    runs go to a pool of `cfg.parallel` fresh processes, each training one run after another
+    on its share of the CPU threads; with workers, runs share the local Ray's CPUs."""
     import ray
 
     from jobs.common.raycluster import init_ray
@@ -371,7 +395,23 @@ def train_all(cfg: BenchConfig, datasets: Sequence[Dataset]) -> list[RunRecord]:
     cached = {p.name: _cached(cfg, p) for p in plans}
     todo = [p for p in plans if cached[p.name] is None]
     done: dict[str, RunRecord] = {}
-    if todo:
+    if todo and cfg.workers == 0 and cfg.parallel == 1:
+        done = {p.name: _train_one(cfg, p, cpus=1.0) for p in todo}
+    elif todo and cfg.workers == 0:
+        from mlflow import MlflowClient
+
+        MlflowClient(tracking_uri=cfg.tracking())  # creates a new sqlite store's tables once,
+        procs = ProcessPoolExecutor(  # not in every process at the same time
+            cfg.parallel,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_log_to_stderr,
+        )
+        try:
+            jobs = {p.name: procs.submit(_train_in_child, cfg, p) for p in todo}
+            done = {name: RunRecord(**f.result()) for name, f in jobs.items()}
+        finally:  # on an error or Ctrl-C: start nothing new
+            procs.shutdown(wait=False, cancel_futures=True)
+    elif todo:
         init_ray()
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
         share = max(0.1, min(1.0, math.floor(100 * cpus / cfg.parallel) / 100))  # sum <= cpus
@@ -465,7 +505,9 @@ def _settings_lines(cfg: BenchConfig, info: dict[str, Any]) -> list[str]:
         "from scratch.",
         f"- Training (identical for every loss): {cfg.steps} steps, batch {cfg.batch_size}, "
         f"AdamW lr {cfg.lr:g} (warmup {cfg.warmup_steps}, cosine decay), temperature 0.07 "
-        f"learnable, label smoothing 0.1, 1 Ray Train worker; seeds {cfg.seeds}.",
+        f"learnable, label smoothing 0.1, "
+        + ("1 Ray Train worker per run" if cfg.workers else "Ray Train local mode")
+        + f", {cfg.parallel} runs at a time; seeds {cfg.seeds}.",
     ]
 
 
@@ -597,11 +639,10 @@ class Mode:
     steps: int
     train_takes: tuple[int, int]
     test_takes: tuple[int, int]
-    parallel: int
 
 
-_FULL = Mode(seeds=(0, 1, 2), steps=300, train_takes=(5, 50), test_takes=(0, 5), parallel=3)
-_QUICK = Mode(seeds=(0,), steps=10, train_takes=(5, 6), test_takes=(0, 1), parallel=3)
+_FULL = Mode(seeds=(0, 1, 2), steps=300, train_takes=(5, 50), test_takes=(0, 5))
+_QUICK = Mode(seeds=(0,), steps=10, train_takes=(5, 6), test_takes=(0, 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -684,8 +725,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--parallel",
         type=int,
-        help=f"training runs at a time, sharing the CPUs (default: {_FULL.parallel}; "
-        f"--quick {_QUICK.parallel})",
+        default=2,
+        help="training runs at a time, sharing the CPUs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="Ray Train workers per run: 0 for Ray Train's local mode (no actors to start; "
+        "--parallel processes, each training one run after another), or 1 for a Ray Train "
+        "worker per run (~35 s more start-up per run) (default: %(default)s)",
     )
     parser.add_argument(
         "--tracking-uri",
@@ -721,7 +771,8 @@ def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConf
         warmup_steps=max(1, steps // 10),
         methods=list(args.methods),
         holdout_speaker=args.holdout_speaker,
-        parallel=max(1, args.parallel or mode.parallel),
+        parallel=max(1, args.parallel),
+        workers=args.workers,
         tracking_uri=args.tracking_uri,
         retrain=args.retrain,
         quick=args.quick,
@@ -767,9 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (also used by the `gram` CLI); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s", datefmt="%H:%M:%S"
-    )
+    _log_to_stderr()
     try:
         cfg = config_from_args(args, argv)
         run(cfg)
