@@ -735,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="Ray Train workers per run: 0 for Ray Train's local mode (no actors to start; "
         "--parallel processes, each training one run after another), or 1 for a Ray Train "
-        "worker per run (~35 s more start-up per run) (default: %(default)s)",
+        "worker per run (~30 s more CPU for start-up per run) (default: %(default)s)",
     )
     parser.add_argument(
         "--tracking-uri",

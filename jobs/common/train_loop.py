@@ -260,11 +260,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             ckpt = None
             if rank == 0:
                 save_checkpoint_dir(Path(tmp), ddp_model, loss, optimizer, scheduler, progress, cfg)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            if local:
+            if local:  # Ray Train persists nothing in local mode: the checkpoint goes to storage
                 uri = persist_checkpoint(Path(tmp), run_dir, cfg.checkpoint.keep, s3)
                 fs, path = storage.pyarrow_filesystem(uri, s3=s3)
                 ckpt = ray.train.Checkpoint(path, filesystem=fs)
+            elif rank == 0:
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt)
 
     accum = optim_cfg.accumulation_steps

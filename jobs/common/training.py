@@ -236,7 +236,6 @@ CHECKPOINT_PREFIX = "checkpoint_"
 def run_checkpoints(run_dir: str, s3: S3Config) -> list[str]:
     """URIs of the complete checkpoint folders of a run (those with a `state.json`, which is
     written last), oldest first; empty when the run has none yet."""
-
     try:
         files = storage.list_files(run_dir, s3=s3)
     except storage.StorageNotFoundError:
@@ -255,7 +254,6 @@ def persist_checkpoint(folder: Path, run_dir: str, keep: int, s3: S3Config) -> s
     never taken for a checkpoint (`run_checkpoints`). Ray Train does this for its
     workers; in local mode (`scaling.workers = 0`) the loop calls it itself.
     """
-
     stamp = datetime.now(UTC).strftime("%Y-%m-%d_%H-%M-%S.%f")
     dest = storage.join(run_dir, f"{CHECKPOINT_PREFIX}{stamp}")
     files = sorted((p for p in folder.rglob("*") if p.is_file()), key=_state_json_last)
@@ -277,7 +275,6 @@ def _state_json_last(path: Path) -> tuple[bool, str]:
 
 def download_checkpoint(uri: str, s3: S3Config) -> Path:
     """A local copy of the checkpoint folder at `uri` (local folders are used in place)."""
-
     if not storage.is_s3(uri):
         folder = Path(uri)
         if not folder.is_dir():
