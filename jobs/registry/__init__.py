@@ -1,0 +1,1 @@
+"""The MLflow Model Registry side: registered models, the pyfunc model, promotion and its lock."""

@@ -1,0 +1,1 @@
+"""The training job's parts: the Ray Train loop, checkpoints, and MLflow tracking."""
