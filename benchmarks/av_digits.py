@@ -15,7 +15,7 @@ both media corrupted so that neither modality alone is reliable (AV-MNIST style;
    Train's local mode (`scaling.workers=0`, a pool of processes each running one run
    after another: no actor start-up), or with `--workers 1` as a Ray Train worker each;
    finished runs are cached by their settings;
-3. `gram.train.embed_for_retrieval`, `gram.classification` and `gram.retrieval` on the
+3. `gram.steps.embed_for_retrieval`, `gram.classification` and `gram.retrieval` on the
    test clips: zero-shot classification and class-level retrieval by every scoring rule;
 4. a Markdown table, PNG plots and `results.json` in `<out>/`, all logged to MLflow
    (sqlite under `<out>/` unless --tracking-uri or $MLFLOW_TRACKING_URI says otherwise).
@@ -220,7 +220,7 @@ def check_sources(data_dir: Path) -> tuple[Path, Path]:
 
 def prepare_data(cfg: BenchConfig) -> tuple[list[Dataset], dict[str, Any]]:
     """Build (or reuse) the media and shards of `cfg.data`; return both splits' datasets."""
-    from jobs.common.raycluster import init_ray
+    from jobs.cluster.connection import init_ray
 
     root = cfg.out_dir / "data" / cfg.data.key()
     fsdd, mnist = check_sources(cfg.data_dir)
@@ -348,8 +348,8 @@ def _train_one(cfg: BenchConfig, plan: PlannedRun, cpus: float) -> RunRecord:
     import shutil
 
     from gram.config import from_dict
-    from jobs.common.training import TrainConfig
     from jobs.train import run as train_run
+    from jobs.training.checkpoints import TrainConfig
 
     settings = _train_config(cfg, plan.data, plan.method, plan.seed, cpus)
     shutil.rmtree(cfg.out_dir / "runs" / plan.name, ignore_errors=True)  # an unfinished attempt
@@ -389,7 +389,7 @@ def train_all(cfg: BenchConfig, datasets: Sequence[Dataset]) -> list[RunRecord]:
     on its share of the CPU threads; with workers, runs share the local Ray's CPUs."""
     import ray
 
-    from jobs.common.raycluster import init_ray
+    from jobs.cluster.connection import init_ray
 
     plans = plan_runs(cfg, datasets)
     cached = {p.name: _cached(cfg, p) for p in plans}
@@ -429,7 +429,7 @@ def train_all(cfg: BenchConfig, datasets: Sequence[Dataset]) -> list[RunRecord]:
 
 def _test_batches(cfg: BenchConfig, folder: Path) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """The test clips of `folder`, decoded for evaluation, in order, and their digits."""
-    from gram.data import DecodeConfig, collate, decode_sample
+    from gram.decode import DecodeConfig, collate, decode_sample
     from gram.model_config import model_config
     from gram.shards import ShardInfo, ShardLoader
     from pipelines import storage
@@ -465,7 +465,7 @@ def evaluate_all(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Fill every run's metrics; returns the class volumes of the first seed's official runs."""
     from gram.weights import load_checkpoint
-    from jobs.common.tracking import Tracker, TrackingConfig
+    from jobs.training.tracking import Tracker, TrackingConfig
 
     test = {d.split: _test_batches(cfg, d.test) for d in datasets}
     volumes: dict[str, dict[str, torch.Tensor]] = {}
@@ -596,7 +596,7 @@ def write_report(
 
 def log_summary(cfg: BenchConfig, paths: dict[str, Path], runs: Sequence[RunRecord]) -> str:
     """One MLflow run with the settings, the mean metrics and every output file."""
-    from jobs.common.tracking import Tracker, TrackingConfig
+    from jobs.training.tracking import Tracker, TrackingConfig
 
     tracker = Tracker(
         TrackingConfig(tracking_uri=cfg.tracking(), experiment=EXPERIMENT),

@@ -1,6 +1,6 @@
 """Evaluate a trained model on an AV-digits test set with the library's evaluation code.
 
-    emb = embed_test_set(model, batches, labels)           # gram.train.embed_for_retrieval
+    emb = embed_test_set(model, batches, labels)           # gram.steps.embed_for_retrieval
     metrics, volumes = evaluate_embeddings(emb)
 
 Every model is scored by every rule, whatever loss trained it:
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from benchmarks.av_digits_data import DIGIT_NAMES, TEMPLATES
 from gram.classification import class_embeddings, zero_shot_classify
 from gram.retrieval import score_matrix
-from gram.train import embed_for_retrieval, to_device, unwrap
+from gram.steps import embed_for_retrieval, to_device, unwrap
 
 __all__ = ["ClipEmbeddings", "embed_test_set", "evaluate_embeddings"]
 

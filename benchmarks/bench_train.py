@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --steps 100     # shorter
 
 Same model (`tiny`), loss (GramLoss), batch, shards and decoding in both:
-- baseline: one process, `gram.shards.ShardLoader` + `gram.train.train_step`, one thread;
+- baseline: one process, `gram.shards.ShardLoader` + `gram.steps.train_step`, one thread;
 - job: `python -m jobs.train` on a local Ray with N workers (one thread each).
 Throughput is measured after start-up (from the job's own logged samples/s, skipping
 the first logging window) and printed as a ratio to the baseline, with the fraction of
@@ -27,13 +27,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gram.data import DecodeConfig, collate, decode_sample  # noqa: E402
+from gram.decode import DecodeConfig, collate, decode_sample  # noqa: E402
 from gram.loss import GramLoss  # noqa: E402
 from gram.model import build_model  # noqa: E402
 from gram.model_config import model_config  # noqa: E402
 from gram.shards import ShardInfo, ShardLoader  # noqa: E402
+from gram.steps import OptimConfig, build_optimizer, cosine_schedule, train_step  # noqa: E402
 from gram.synthetic import SyntheticClips  # noqa: E402
-from gram.train import OptimConfig, build_optimizer, cosine_schedule, train_step  # noqa: E402
 from pipelines.sample_shards import write_sample_shards  # noqa: E402
 from pipelines.writer import read_index  # noqa: E402
 

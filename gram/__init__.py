@@ -19,7 +19,7 @@ Model (see docs/model.md):
 
 from gram import retrieval
 from gram.classification import ClassificationResult, class_embeddings, zero_shot_classify
-from gram.data import (
+from gram.decode import (
     Collator,
     DecodeConfig,
     SampleDecoder,
@@ -40,14 +40,14 @@ from gram.model import (
 from gram.model_config import ModelConfig, list_model_configs, model_config
 from gram.retrieval import rank_summary, retrieval_metrics, retrieval_ranks, score_matrix
 from gram.shards import ShardInfo, ShardLoader, plan_epoch
-from gram.synthetic import SyntheticClips
-from gram.train import (
+from gram.steps import (
     OptimConfig,
     build_optimizer,
     cosine_schedule,
     evaluate,
     train_step,
 )
+from gram.synthetic import SyntheticClips
 from gram.volume import volume, volume_matrix
 from gram.weights import load_checkpoint, load_weights, save_checkpoint
 

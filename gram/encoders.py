@@ -155,7 +155,7 @@ class PatchTransformer(nn.Module):
         if tuple(x.shape[-2:]) != self.input_size:
             raise ValueError(
                 f"expected inputs of size {self.input_size}, got {tuple(x.shape[-2:])}: "
-                "resize in the decoder (gram.data) or change the config"
+                "resize in the decoder (gram.decode) or change the config"
             )
         tokens = self.patch_embed(x)  # [B, N, C]
         cls = self.cls_token.expand(tokens.shape[0], -1, -1)  # [B, 1, C]

@@ -5,7 +5,7 @@
                                                   #  "audio": [B, D], "mask": [B, k]}
     losses = GramLoss(anchor="text")(**out)       # the output goes straight into the loss
 
-The batch is the dict `gram.data.collate` makes (per modality name):
+The batch is the dict `gram.decode.collate` makes (per modality name):
     video kind: batch[name] [B, T, 3, H, W] uint8 (or float in [0, 1])
     audio kind: batch[name] [B, S] float waveform at 16 kHz
     text kind:  batch[f"{name}_ids"] [B, L] int64 and batch[f"{name}_attention"] [B, L] bool,
@@ -16,7 +16,7 @@ The batch is the dict `gram.data.collate` makes (per modality name):
 config's order); the loss and the retrieval metrics leave missing modalities
 out of the volume exactly. With the DAM head enabled and the model in
 training mode, the output also holds `dam_loss` (a scalar; pop it before
-calling the loss: `gram.train.train_step` does).
+calling the loss: `gram.steps.train_step` does).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gram.dam import DamHead, dam_loss
+from gram.anchor_matching import DamHead, dam_loss
 from gram.encoders import AudioEncoder, VideoEncoder
 from gram.model_config import ModelConfig, model_config
 from gram.text import BertEncoder, Tokenizer, build_tokenizer, load_hf_folder, resolve_pretrained

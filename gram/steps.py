@@ -5,7 +5,7 @@
     optim = OptimConfig(lr=1e-3, warmup_steps=10, total_steps=200)
     optimizer = build_optimizer(model, loss, optim)
     scheduler = cosine_schedule(optimizer, optim)
-    for batch in loader:                          # gram.data.Collator batches
+    for batch in loader:                          # gram.decode.Collator batches
         stats = train_step(model, loss, optimizer, batch, scheduler=scheduler,
                            grad_clip=optim.grad_clip)
     metrics = evaluate(model, eval_loader)       # {"volume_t2i_r1": ..., ...}

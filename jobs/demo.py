@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from gram.config import ConfigError, config_hash, load_config, to_dict
-from jobs.common.cli import add_config_arguments, config_help
 from jobs.common.demo_steps import DemoSteps
+from jobs.common.entry import add_config_arguments, config_help
 
 
 @dataclass

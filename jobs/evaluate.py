@@ -25,11 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gram.config import ConfigError, load_config
-from jobs.common.cli import add_config_arguments, config_help
-from jobs.common.evaluation import EvalSection, EvaluationResult, evaluate_files
-from jobs.common.registry import experiment_for, log_evaluation, resolve_model, tag_eval_metrics
-from jobs.common.secrets import install_log_scrubber
-from jobs.common.tracking import TrackingConfig, default_tracking_uri
+from jobs.cluster.secrets import install_log_scrubber
+from jobs.common.entry import add_config_arguments, config_help
+from jobs.evaluation.scoring import EvalSection, EvaluationResult, evaluate_files
+from jobs.registry.models import experiment_for, log_evaluation, resolve_model, tag_eval_metrics
+from jobs.training.tracking import TrackingConfig, default_tracking_uri
 from pipelines import storage
 from pipelines.storage import S3Config
 

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from gram.config import ConfigError, load_config
-from jobs.common.cli import add_config_arguments, config_help
+from jobs.common.entry import add_config_arguments, config_help
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import ManifestError
 from pipelines.preprocess import FailureRateError, Summary, preprocess

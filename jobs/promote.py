@@ -7,7 +7,7 @@
 Promotion: the candidate and the current champion are compared on the same eval
 set (`eval.shards`, identified by its index fingerprint); versions not yet
 evaluated on it are evaluated first (and tagged). Under the registry lock
-(jobs/common/lock.py) the gate decides; if it passes, the old champion gets the
+(jobs/registry/lock.py) the gate decides; if it passes, the old champion gets the
 alias `previous` and the candidate `champion`. Pass or refusal, the decision and
 its numbers are printed, tagged on the version (`gram.promotion.*`) and appended
 to the model's audit trail (`gram.audit.NNNNNN`).
@@ -25,10 +25,10 @@ import logging
 import sys
 
 from gram.config import ConfigError, load_config
-from jobs.common.cli import add_config_arguments, config_help
-from jobs.common.lock import LockError
-from jobs.common.promotion import Outcome, PromoteConfig, promote, rollback
-from jobs.common.secrets import install_log_scrubber
+from jobs.cluster.secrets import install_log_scrubber
+from jobs.common.entry import add_config_arguments, config_help
+from jobs.registry.lock import LockError
+from jobs.registry.promotion import Outcome, PromoteConfig, promote, rollback
 
 EXIT_REFUSED = 1
 EXIT_CONFIG = 2

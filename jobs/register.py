@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gram.config import ConfigError, load_config
-from jobs.common.cli import add_config_arguments, config_help, git_commit
-from jobs.common.evaluation import EvalSection, evaluate_files
-from jobs.common.pyfunc import InferenceConfig
-from jobs.common.registry import (
+from jobs.cluster.secrets import install_log_scrubber, scrub
+from jobs.common.entry import add_config_arguments, config_help, git_commit
+from jobs.evaluation.scoring import EvalSection, evaluate_files
+from jobs.registry.models import (
     experiment_for,
     log_evaluation,
     log_pyfunc_model,
@@ -40,8 +40,8 @@ from jobs.common.registry import (
     tag_eval_metrics,
     training_info,
 )
-from jobs.common.secrets import install_log_scrubber, scrub
-from jobs.common.tracking import TrackingConfig, default_tracking_uri
+from jobs.registry.pyfunc import InferenceConfig
+from jobs.training.tracking import TrackingConfig, default_tracking_uri
 from pipelines.storage import S3Config
 
 

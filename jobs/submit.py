@@ -22,7 +22,7 @@ dashboard and logs only you can reach. A request that would
 put a credential in the entrypoint (a secret-named override, a URL with a password, the value
 of a credential variable) is refused with a message naming the fix.
 
-Token authentication: see jobs/common/jobs_api.py. The cluster's mode is read from its public
+Token authentication: see jobs/cluster/jobs_api.py. The cluster's mode is read from its public
 `/api/authentication_mode` endpoint; in token mode the token must be configured here.
 
 Exit codes: 0 submitted (with --wait: SUCCEEDED); 1 the job FAILED or was STOPPED; 2 bad
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TextIO
 
 from gram.config import ConfigError
-from jobs.common.jobs_api import (
+from jobs.cluster.jobs_api import (
     EXIT_USAGE,
     JobsApiError,
     client_secrets,
@@ -51,8 +51,8 @@ from jobs.common.jobs_api import (
     require_token,
     translate_error,
 )
-from jobs.common.secrets import install_log_scrubber
-from jobs.common.submission import (
+from jobs.cluster.secrets import install_log_scrubber
+from jobs.cluster.submission import (
     SubmitConfig,
     build_parser,
     client_env_prefix,

@@ -27,11 +27,11 @@ from typing import Any
 
 from gram.config import ConfigError, load_config, to_dict
 from gram.shards import ShardInfo, steps_per_epoch
-from jobs.common.cli import add_config_arguments, config_help, git_commit
-from jobs.common.raycluster import init_ray, secret_env, storage_filesystem
-from jobs.common.tracking import Tracker
-from jobs.common.train_loop import RunPlan, train_loop_per_worker
-from jobs.common.training import TrainConfig, run_checkpoints
+from jobs.cluster.connection import init_ray, secret_env, storage_filesystem
+from jobs.common.entry import add_config_arguments, config_help, git_commit
+from jobs.training.checkpoints import TrainConfig, run_checkpoints
+from jobs.training.loop import RunPlan, train_loop_per_worker
+from jobs.training.tracking import Tracker
 from pipelines import storage
 from pipelines.writer import read_index
 

@@ -50,10 +50,10 @@ def test_unknown_command_and_wrong_key_name_the_closest(capsys):
 
 
 def _config_classes() -> dict[str, type]:
-    from jobs.common.training import TrainConfig
     from jobs.evaluate import EvaluateConfig
     from jobs.promote import PromoteConfig
     from jobs.register import RegisterConfig
+    from jobs.training.checkpoints import TrainConfig
     from pipelines.config import PreprocessConfig
 
     return {

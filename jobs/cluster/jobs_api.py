@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from jobs.common.secrets import REDACTED, SECRET_ENV_VARS, is_secret_name
+from jobs.cluster.secrets import REDACTED, SECRET_ENV_VARS, is_secret_name
 
 __all__ = [
     "EXIT_CLUSTER",

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from gram.config import ConfigError, from_dict, read_config_file
-from jobs.common.jobs_api import (
+from jobs.cluster.jobs_api import (
     EXIT_USAGE,
     JobsApiError,
     Token,
@@ -33,7 +33,7 @@ from jobs.common.jobs_api import (
     has_url_password,
     resolve_address,
 )
-from jobs.common.secrets import REDACTED, SECRET_ENV_VARS, is_secret_name
+from jobs.cluster.secrets import REDACTED, SECRET_ENV_VARS, is_secret_name
 
 __all__ = [
     "DEFAULT_EXCLUDES",

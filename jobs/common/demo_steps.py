@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gram.config import from_dict
-from jobs.common.raycluster import init_ray
+from jobs.cluster.connection import init_ray
 from pipelines.synthetic import demo_clips, make_clip, write_jsonl
 
 MODEL_NAME = "gram-demo"
@@ -124,8 +124,8 @@ class DemoSteps:
 
     def train(self, shards: dict[str, str], demo: dict[str, Any]) -> str:
         """Train with 2 Ray Train workers; returns the final checkpoint folder."""
-        from jobs.common.training import TrainConfig
         from jobs.train import run as train_run
+        from jobs.training.checkpoints import TrainConfig
 
         if (done := self._done("train")) is not None:
             return str(done["checkpoint"])
@@ -199,10 +199,10 @@ class DemoSteps:
 
     def register_and_promote(self, checkpoint: str, shards: str, floor: float) -> dict[str, Any]:
         """Register the checkpoint (alias candidate) and promote it through the gate."""
-        from jobs.common.promotion import PromoteConfig
         from jobs.promote import run as promote_run
         from jobs.register import RegisterConfig
         from jobs.register import run as register_run
+        from jobs.registry.promotion import PromoteConfig
 
         if (done := self._done("registry", checkpoint)) is not None:
             return dict(done["registry"])

@@ -6,7 +6,7 @@
 
 Each Ray task loads the model from the checkpoint bytes (put once in the object
 store), reads whole shards (every sample: nothing is dropped to equalise
-workers, unlike training) and embeds them with `gram.train.embed_for_retrieval`,
+workers, unlike training) and embeds them with `gram.steps.embed_for_retrieval`,
 the same code the training job evaluates with. Tasks take `cpus_per_task` CPUs
 each and by default leave one CPU of the cluster free; they are spread over
 nodes. Results are merged and put in key order, so the numbers do not depend on
@@ -32,10 +32,10 @@ import torch
 from torch import Tensor
 
 from gram.config import ConfigError
-from gram.data import DecodeConfig, SampleError, collate, decode_sample
+from gram.decode import DecodeConfig, SampleError, collate, decode_sample
 from gram.model import GramModel
 from gram.shards import RawSample, ShardInfo, ShardLoader
-from gram.train import embed_for_retrieval
+from gram.steps import embed_for_retrieval
 from pipelines import storage
 from pipelines.storage import S3Config
 
@@ -357,7 +357,7 @@ def embed_eval_set(
     else:
         import ray
 
-        from jobs.common.raycluster import init_ray
+        from jobs.cluster.connection import init_ray
 
         init_ray()
         groups = _split(shards, _task_count(parallel, len(shards)))

@@ -5,7 +5,7 @@
     result.metrics["volume_t2i_r1"], result.report, result.pictures
 
 Metrics (R@K in percent, ranks 1-based; "t2i" = caption -> clip, "i2t" = clip -> caption;
-names as in the training job's eval metrics, `gram.train.evaluate`):
+names as in the training job's eval metrics, `gram.steps.evaluate`):
     volume_{t2i,i2t}_{r1,r5,r10,medr,meanr,count}
         text vs every data modality (video + audio) by Gramian volume, over every clip:
         a clip missing a modality is scored on the ones it has (mask), never dropped.
@@ -45,7 +45,8 @@ from gram.classification import class_embeddings, zero_shot_classify
 from gram.config import ConfigError, to_dict
 from gram.model import GramModel
 from gram.retrieval import rank_summary, retrieval_ranks, score_matrix
-from jobs.common.embedding import (
+from jobs.cluster.secrets import redact, scrub
+from jobs.evaluation.embedding import (
     ClipEmbeddings,
     EvalSet,
     ParallelSection,
@@ -53,8 +54,7 @@ from jobs.common.embedding import (
     load_model_files,
     read_eval_set,
 )
-from jobs.common.plots import plot_confusion, plot_recall_curves, plot_volume_distributions
-from jobs.common.secrets import redact, scrub
+from jobs.evaluation.plots import plot_confusion, plot_recall_curves, plot_volume_distributions
 from pipelines.storage import S3Config
 
 __all__ = [

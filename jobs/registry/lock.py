@@ -142,7 +142,7 @@ class RegistryLock:
                 tags=self._tags(expires),
                 description=(
                     f"Promotion lock of {self.name.removesuffix(LOCK_SUFFIX)!r} "
-                    "(gram-ray, jobs/common/lock.py). Deleted by its holder when done; "
+                    "(gram-ray, jobs/registry/lock.py). Deleted by its holder when done; "
                     "broken by others once its lease has expired."
                 ),
             )

@@ -9,7 +9,7 @@ Version tags written here:
     git_commit, training_run_id, dataset_fingerprint   (from the training run)
     code_commit                     the checkout whose gram/ + pipelines/ ship with the model
     source_checkpoint               the checkpoint the weights came from
-    gram.eval.<eval_id>             JSON of that eval set's metrics (see jobs.common.evaluation)
+    gram.eval.<eval_id>             JSON of that eval set's metrics (see jobs.evaluation.scoring)
     gram.eval.<eval_id>.run_id      the MLflow run holding the full evaluation (report, pictures)
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from gram.config import ConfigError, to_dict
-from jobs.common.evaluation import EvaluationResult, ModelFiles
+from jobs.evaluation.scoring import EvaluationResult, ModelFiles
 from pipelines import storage
 from pipelines.storage import S3Config
 
@@ -185,7 +185,7 @@ def experiment_for(client: Any, files: ModelFiles, fallback: str) -> str:
     info = training_info(client, files.training_run_id)
     if info.get("experiment_id"):
         return info["experiment_id"]
-    from jobs.common.tracking import _artifact_location
+    from jobs.training.tracking import _artifact_location
 
     found = client.get_experiment_by_name(fallback)
     if found is not None:
@@ -300,7 +300,7 @@ def log_pyfunc_model(
     import mlflow.pyfunc
 
     from gram.text import HFTokenizer
-    from jobs.common.embedding import load_model_files
+    from jobs.evaluation.embedding import load_model_files
 
     model = load_model_files(files.weights, files.tokenizer)
     cfg = to_dict(model.cfg)

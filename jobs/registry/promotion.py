@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from gram.config import ConfigError
-from jobs.common.embedding import read_eval_set
-from jobs.common.evaluation import EvalSection, eval_id, evaluate_files
-from jobs.common.lock import LockSection, RegistryLock
-from jobs.common.registry import (
+from jobs.evaluation.embedding import read_eval_set
+from jobs.evaluation.scoring import EvalSection, eval_id, evaluate_files
+from jobs.registry.lock import LockSection, RegistryLock
+from jobs.registry.models import (
     eval_metrics_of,
     experiment_for,
     get_version,
@@ -45,7 +45,7 @@ from jobs.common.registry import (
     resolve_model,
     tag_eval_metrics,
 )
-from jobs.common.tracking import TrackingConfig, default_tracking_uri
+from jobs.training.tracking import TrackingConfig, default_tracking_uri
 from pipelines.storage import S3Config
 
 __all__ = [

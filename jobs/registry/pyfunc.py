@@ -51,7 +51,7 @@ from mlflow.pyfunc.model import PythonModel
 from torch import Tensor
 
 from gram.config import ConfigError, from_dict
-from gram.data import DecodeConfig, decode_sample
+from gram.decode import DecodeConfig, decode_sample
 from gram.model import GramModel
 from gram.model_config import ModelConfig
 from gram.schema import CAPTIONS_SUFFIX, frame_suffix

@@ -30,9 +30,9 @@ from typing import Any, Literal
 import torch
 
 from gram.config import ConfigError, to_dict
-from gram.train import OptimConfig
-from jobs.common.secrets import redact
-from jobs.common.tracking import TrackingConfig
+from gram.steps import OptimConfig
+from jobs.cluster.secrets import redact
+from jobs.training.tracking import TrackingConfig
 from pipelines import storage
 from pipelines.storage import S3Config
 

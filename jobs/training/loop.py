@@ -18,16 +18,15 @@ import torch
 import torch.distributed as dist
 
 from gram.config import from_dict
-from gram.data import DecodeConfig, SampleError, collate, decode_sample
+from gram.decode import DecodeConfig, SampleError, collate, decode_sample
 from gram.loss import build_loss
 from gram.model import build_model
 from gram.model_config import model_config
 from gram.shards import RawSample, ShardInfo, ShardLoader
-from gram.train import build_optimizer, cosine_schedule, evaluate, train_step
+from gram.steps import build_optimizer, cosine_schedule, evaluate, train_step
 from gram.weights import load_weights, read_loss_state
-from jobs.common.raycluster import apply_secret_env
-from jobs.common.tracking import Tracker
-from jobs.common.training import (
+from jobs.cluster.connection import apply_secret_env
+from jobs.training.checkpoints import (
     Progress,
     ProgressLine,
     TrainConfig,
@@ -39,6 +38,7 @@ from jobs.common.training import (
     run_checkpoints,
     save_checkpoint_dir,
 )
+from jobs.training.tracking import Tracker
 from pipelines import storage
 
 log = logging.getLogger("gram.train")

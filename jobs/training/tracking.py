@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from jobs.common.secrets import redact
+from jobs.cluster.secrets import redact
 
 __all__ = ["Tracker", "TrackingConfig", "default_tracking_uri", "flatten"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gram.data import Collator, DecodeConfig, SampleDecoder
+from gram.decode import Collator, DecodeConfig, SampleDecoder
 from gram.model import GramModel, gram_tiny
 from gram.synthetic import SyntheticClips
 

@@ -10,11 +10,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from gram.data import Collator, DecodeConfig, SampleDecoder
+from gram.decode import Collator, DecodeConfig, SampleDecoder
 from gram.loss import GramLoss
 from gram.model import gram_tiny
+from gram.steps import evaluate, train_step
 from gram.synthetic import SyntheticClips
-from gram.train import evaluate, train_step
 
 
 def _batch(model, lo: int, hi: int):

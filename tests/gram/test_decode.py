@@ -12,7 +12,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from gram.data import Collator, DecodeConfig, SampleError, collate, decode_sample
+from gram.decode import Collator, DecodeConfig, SampleError, collate, decode_sample
 from gram.schema import ClipMeta, frame_suffix
 from gram.synthetic import COLORS, SOUNDS, SyntheticClips
 from gram.text import HashTokenizer

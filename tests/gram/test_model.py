@@ -8,8 +8,8 @@ from importlib import resources
 import pytest
 import torch
 
+from gram.anchor_matching import sample_hard_negatives
 from gram.config import ConfigError, from_dict, to_dict
-from gram.dam import sample_hard_negatives
 from gram.loss import CosineInfoNCELoss, GramLoss
 from gram.model import GramModel, build_model, count_parameters, gram_tiny
 from gram.model_config import ModelConfig, list_model_configs, model_config

@@ -10,12 +10,11 @@ import time
 import pytest
 import torch
 
-from gram.data import Collator, DecodeConfig, SampleDecoder
+from gram.decode import Collator, DecodeConfig, SampleDecoder
 from gram.loss import GramLoss
 from gram.model import gram_tiny
 from gram.retrieval import retrieval_metrics
-from gram.synthetic import SyntheticClips
-from gram.train import (
+from gram.steps import (
     OptimConfig,
     build_optimizer,
     cosine_schedule,
@@ -23,6 +22,7 @@ from gram.train import (
     evaluate,
     train_step,
 )
+from gram.synthetic import SyntheticClips
 
 
 def test_warmup_then_cosine():

@@ -29,8 +29,8 @@ import yaml
 from packaging.requirements import Requirement
 
 from gram.config import from_dict, read_config_file
-from jobs.common.secrets import is_secret_name
-from jobs.common.submission import DEFAULT_EXCLUDES, SubmitConfig
+from jobs.cluster.secrets import is_secret_name
+from jobs.cluster.submission import DEFAULT_EXCLUDES, SubmitConfig
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gram.data import Collator, DecodeConfig, SampleDecoder
+from gram.decode import Collator, DecodeConfig, SampleDecoder
 from gram.loss import GramLoss
 from gram.model import gram_tiny
+from gram.steps import OptimConfig, build_optimizer, cosine_schedule, train_step
 from gram.synthetic import SyntheticClips
-from gram.train import OptimConfig, build_optimizer, cosine_schedule, train_step
-from jobs.common.training import Progress, TrainConfig, save_checkpoint_dir
+from jobs.training.checkpoints import Progress, TrainConfig, save_checkpoint_dir
 from pipelines.sample_shards import write_sample_shards
 
 EVAL_CLIPS = 36

@@ -86,7 +86,8 @@ def test_thousands_of_clips_preprocess_with_flat_driver_memory(tmp_path, ray_clu
 
 def test_two_thousand_training_steps_without_memory_growth_or_slowdown(tmp_path, ray_cluster):
     """One worker with a small batch: the soak is about the job's own memory and throughput
-    over many steps and epochs (the 2-worker path is covered in tests/jobs/test_train.py)."""
+    over many steps and epochs (the 2-worker path is covered in
+    tests/jobs/training/test_train.py)."""
     data = tmp_path / "shards"
     write_sample_shards(SyntheticClips(256, seed=4), str(data), samples_per_shard=64)
     db = tmp_path / "mlflow.db"

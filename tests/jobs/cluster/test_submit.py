@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from gram.config import ConfigError
-from jobs.common.jobs_api import EXIT_CLUSTER, EXIT_USAGE, JobsApiError, connect, find_token
-from jobs.common.submission import (
+from jobs.cluster.jobs_api import EXIT_CLUSTER, EXIT_USAGE, JobsApiError, connect, find_token
+from jobs.cluster.submission import (
     DEFAULT_EXCLUDES,
     SubmitConfig,
     build_parser,

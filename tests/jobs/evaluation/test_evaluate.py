@@ -14,11 +14,11 @@ import torch
 from mlflow import MlflowClient
 
 from gram.config import load_config
-from gram.data import DecodeConfig, collate, decode_sample
+from gram.decode import DecodeConfig, collate, decode_sample
 from gram.synthetic import SyntheticClips
 from gram.weights import load_checkpoint
-from jobs.common.embedding import ParallelSection
-from jobs.common.evaluation import ClassificationSection, EvalSection, ModelFiles, evaluate_files
+from jobs.evaluation.embedding import ParallelSection
+from jobs.evaluation.scoring import ClassificationSection, EvalSection, ModelFiles, evaluate_files
 from pipelines.sample_shards import write_sample_shards
 from pipelines.storage import S3Config
 from tests.jobs.conftest import EVAL_CLIPS, SYNTHETIC_CLASSES, checkpoint_of_run, training_run

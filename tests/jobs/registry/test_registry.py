@@ -22,13 +22,13 @@ import torch
 from mlflow import MlflowClient
 
 from gram.config import load_config
-from gram.data import DecodeConfig, collate, decode_sample
+from gram.decode import DecodeConfig, collate, decode_sample
 from gram.shards import iter_raw_samples
 from gram.synthetic import SyntheticClips
 from gram.volume import volume
 from gram.weights import load_checkpoint
 from jobs import promote, register
-from jobs.common.lock import LockSection, RegistryLock
+from jobs.registry.lock import LockSection, RegistryLock
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import InputItem
 from pipelines.sample_shards import write_sample_shards
@@ -61,7 +61,7 @@ print(json.dumps({"gram": gram.__file__, "ray": "ray" in sys.modules,
 HOLD_LOCK = """
 import os, sys, time
 from mlflow import MlflowClient
-from jobs.common.lock import LockSection, RegistryLock
+from jobs.registry.lock import LockSection, RegistryLock
 url, name, log, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 section = LockSection(lease_seconds=float(sys.argv[5]), grace_seconds=0.5, wait_seconds=120,
                       margin_seconds=0.5)

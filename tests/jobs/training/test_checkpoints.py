@@ -12,9 +12,8 @@ import torch
 
 from gram.loss import GramLoss
 from gram.model import gram_tiny
-from gram.train import OptimConfig, build_optimizer, cosine_schedule
-from jobs.common.train_loop import _restore
-from jobs.common.training import (
+from gram.steps import OptimConfig, build_optimizer, cosine_schedule
+from jobs.training.checkpoints import (
     Progress,
     ProgressLine,
     TrainConfig,
@@ -25,6 +24,7 @@ from jobs.common.training import (
     run_checkpoints,
     save_checkpoint_dir,
 )
+from jobs.training.loop import _restore
 from pipelines import storage
 from pipelines.storage import S3Config
 

@@ -8,8 +8,8 @@ import time
 import pytest
 from mlflow import MlflowClient
 
-from jobs.common.secrets import REDACTED
-from jobs.common.tracking import Tracker, TrackingConfig, flatten
+from jobs.cluster.secrets import REDACTED
+from jobs.training.tracking import Tracker, TrackingConfig, flatten
 from tests.support.services import MlflowServer
 
 
@@ -54,7 +54,7 @@ def test_resumed_run_with_changed_params_keeps_logging(tmp_path, caplog):
     first.log_metrics({"loss": 1.0}, step=1)
     assert first.close()
 
-    with caplog.at_level(logging.WARNING, logger="jobs.common.tracking"):
+    with caplog.at_level(logging.WARNING, logger="jobs.training.tracking"):
         again = Tracker(TrackingConfig(tracking_uri=uri, retry_seconds=0.1), run_id=first.run_id)
         again.log_params({"max_steps": 20, "lr": 0.1, "seed": 3})
         again.log_metrics({"loss": 0.5}, step=2)
@@ -81,7 +81,7 @@ def test_server_outage_warns_keeps_going_and_delivers_after_return(tmp_path, cap
         run_id = tracker.wait_for_run(timeout=60)
         assert run_id is not None
         server.stop()
-        with caplog.at_level(logging.WARNING, logger="jobs.common.tracking"):
+        with caplog.at_level(logging.WARNING, logger="jobs.training.tracking"):
             start = time.monotonic()
             for step in range(1, 51):
                 tracker.log_metrics({"loss": float(step)}, step=step)
