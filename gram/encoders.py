@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gram.audio import LogMel
-from gram.model_config import AudioConfig, VisionConfig
+from gram.model_config import AudioEncoderConfig, VisionConfig
 
 __all__ = [
     "Attention",
@@ -257,7 +257,7 @@ class AudioEncoder(nn.Module):
     zero-padded, so the patch grid (and the learned positions) stay fixed.
     """
 
-    def __init__(self, cfg: AudioConfig) -> None:
+    def __init__(self, cfg: AudioEncoderConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.output_dim = cfg.width

@@ -19,7 +19,7 @@ from typing import Literal
 from gram.config import ConfigError, load_config, read_config_file
 
 __all__ = [
-    "AudioConfig",
+    "AudioEncoderConfig",
     "DamConfig",
     "ModalityConfig",
     "ModelConfig",
@@ -86,7 +86,7 @@ class VisionConfig:
 
 
 @dataclass
-class AudioConfig:
+class AudioEncoderConfig:
     """Log-mel front end plus an AST-style patch transformer over [mel, time].
 
     Waveforms are `seconds` long at `sample_rate` Hz (longer ones are cut,
@@ -235,7 +235,7 @@ class ModelConfig:
     anchor: str = "text"
     modalities: list[ModalityConfig] = field(default_factory=_default_modalities)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    audio: AudioConfig = field(default_factory=AudioConfig)
+    audio: AudioEncoderConfig = field(default_factory=AudioEncoderConfig)
     text: TextConfig = field(default_factory=TextConfig)
     dam: DamConfig = field(default_factory=DamConfig)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from gram.config import ConfigError, load_config
 from jobs.cluster.secrets import install_log_scrubber
 from jobs.common.entry import add_config_arguments, config_help
-from jobs.evaluation.scoring import EvalSection, EvaluationResult, evaluate_files
+from jobs.evaluation.scoring import EvalConfig, EvaluationResult, evaluate_files
 from jobs.registry.models import experiment_for, log_evaluation, resolve_model, tag_eval_metrics
 from jobs.training.tracking import TrackingConfig, default_tracking_uri
 from pipelines import storage
@@ -54,7 +54,7 @@ class EvaluateConfig:
     model: str = ""
     output: str = ""
     run_name: str = ""
-    eval: EvalSection = field(default_factory=EvalSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     s3: S3Config = field(default_factory=S3Config)
 

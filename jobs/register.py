@@ -30,7 +30,7 @@ from pathlib import Path
 from gram.config import ConfigError, load_config
 from jobs.cluster.secrets import install_log_scrubber, scrub
 from jobs.common.entry import add_config_arguments, config_help, git_commit
-from jobs.evaluation.scoring import EvalSection, evaluate_files
+from jobs.evaluation.scoring import EvalConfig, evaluate_files
 from jobs.registry.models import (
     experiment_for,
     log_evaluation,
@@ -62,7 +62,7 @@ class RegisterConfig:
     training_run_id: str = ""
     description: str = ""
     serving: InferenceConfig = field(default_factory=InferenceConfig)
-    eval: EvalSection = field(default_factory=EvalSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     s3: S3Config = field(default_factory=S3Config)
 

@@ -164,7 +164,7 @@ class DemoSteps:
             )["checkpoint"]
         )
 
-    def _eval_section(self, shards: str) -> dict[str, Any]:
+    def _eval_config(self, shards: str) -> dict[str, Any]:
         return {"shards": shards, "classification": CLASSIFICATION}
 
     def evaluate(self, checkpoint: str, shards: str) -> dict[str, Any]:
@@ -181,7 +181,7 @@ class DemoSteps:
                 "model": checkpoint,
                 "output": str(self.root / "evaluation"),
                 "run_name": "demo-evaluation",
-                "eval": self._eval_section(shards),
+                "eval": self._eval_config(shards),
                 "tracking": {"tracking_uri": self.tracking_uri, "experiment": "gram-demo"},
             },
         )
@@ -221,7 +221,7 @@ class DemoSteps:
                     "version": version,
                     "note": "gram demo",
                     "output": str(self.root / "promotion"),
-                    "eval": self._eval_section(shards),
+                    "eval": self._eval_config(shards),
                     "gate": {"at_least": {"volume_t2i_r1": floor}},
                     "tracking": tracking,
                 },

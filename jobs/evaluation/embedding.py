@@ -1,7 +1,7 @@
 """Embed every clip and caption of an eval set, in this process or over Ray tasks.
 
     data = read_eval_set("s3://bucket/shards/eval", s3)              # index.json -> shards
-    emb = embed_eval_set(weights, data.shards, ParallelSection(), label_fields=["label"], s3=s3)
+    emb = embed_eval_set(weights, data.shards, ParallelConfig(), label_fields=["label"], s3=s3)
     emb.text [Nt, D], emb.items["video"] [Ni, D], emb.present [Ni, k-1], emb.text_to_item [Nt]
 
 Each Ray task loads the model from the checkpoint bytes (put once in the object
@@ -42,7 +42,7 @@ from pipelines.storage import S3Config
 __all__ = [
     "ClipEmbeddings",
     "EvalSet",
-    "ParallelSection",
+    "ParallelConfig",
     "embed_eval_set",
     "embed_shards",
     "load_model_files",
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ParallelSection:
+class ParallelConfig:
     """How clips are embedded.
 
     local: embed in this process, without Ray (small eval sets, notebooks).
@@ -256,7 +256,7 @@ def _embed_task(
     weights: bytes,
     tokenizer: bytes | None,
     shards: list[ShardInfo],
-    parallel: ParallelSection,
+    parallel: ParallelConfig,
     label_fields: list[str],
     s3: S3Config,
 ) -> dict[str, Any]:
@@ -323,7 +323,7 @@ def _merge(parts: Sequence[ClipEmbeddings]) -> ClipEmbeddings:
     )
 
 
-def _task_count(parallel: ParallelSection, shards: int) -> int:
+def _task_count(parallel: ParallelConfig, shards: int) -> int:
     import ray
 
     if parallel.tasks:
@@ -336,7 +336,7 @@ def _task_count(parallel: ParallelSection, shards: int) -> int:
 def embed_eval_set(
     weights: Path,
     shards: Sequence[ShardInfo],
-    parallel: ParallelSection,
+    parallel: ParallelConfig,
     *,
     label_fields: Sequence[str],
     s3: S3Config,

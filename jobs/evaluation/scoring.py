@@ -1,7 +1,7 @@
 """Retrieval and zero-shot classification of a GRAM model on an eval set: numbers, report, pictures.
 
-    section = EvalSection(shards="s3://bucket/shards/eval")
-    result = evaluate_files(ModelFiles(...), section, s3, out_dir)   # embeds (Ray or local), scores
+    config = EvalConfig(shards="s3://bucket/shards/eval")
+    result = evaluate_files(ModelFiles(...), config, s3, out_dir)   # embeds (Ray or local), scores
     result.metrics["volume_t2i_r1"], result.report, result.pictures
 
 Metrics (R@K in percent, ranks 1-based; "t2i" = caption -> clip, "i2t" = clip -> caption;
@@ -49,7 +49,7 @@ from jobs.cluster.secrets import redact, scrub
 from jobs.evaluation.embedding import (
     ClipEmbeddings,
     EvalSet,
-    ParallelSection,
+    ParallelConfig,
     embed_eval_set,
     load_model_files,
     read_eval_set,
@@ -58,8 +58,8 @@ from jobs.evaluation.plots import plot_confusion, plot_recall_curves, plot_volum
 from pipelines.storage import S3Config
 
 __all__ = [
-    "ClassificationSection",
-    "EvalSection",
+    "ClassificationConfig",
+    "EvalConfig",
     "EvaluationResult",
     "ModelFiles",
     "eval_id",
@@ -74,7 +74,7 @@ _HIST_BINS = 50
 
 
 @dataclass
-class ClassificationSection:
+class ClassificationConfig:
     """Zero-shot audio-video classification from class names.
 
     label_fields: clip metadata fields that name a clip's class (top level of the
@@ -104,7 +104,7 @@ class ClassificationSection:
 
 
 @dataclass
-class EvalSection:
+class EvalConfig:
     """What to evaluate on and how (shared by evaluate, register and promote).
 
     shards: folder or s3:// prefix of a preprocessing output (index.json + shards).
@@ -116,8 +116,8 @@ class EvalSection:
     ks: list[int] = field(default_factory=lambda: [1, 5, 10])
     curve_max_k: int = 50
     chunk_size: int = 1024
-    parallel: ParallelSection = field(default_factory=ParallelSection)
-    classification: ClassificationSection = field(default_factory=ClassificationSection)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
 
     def __post_init__(self) -> None:
         if not self.ks or min(self.ks) < 1:
@@ -153,9 +153,9 @@ class EvaluationResult:
     report_path: Path
 
 
-def eval_id(eval_set: EvalSet, section: EvalSection) -> str:
+def eval_id(eval_set: EvalSet, config: EvalConfig) -> str:
     """`<index fingerprint>.<protocol fingerprint>`: equal ids = comparable metrics."""
-    protocol = {"ks": sorted(section.ks), "classification": to_dict(section.classification)}
+    protocol = {"ks": sorted(config.ks), "classification": to_dict(config.classification)}
     canon = json.dumps(protocol, sort_keys=True, separators=(",", ":"))
     return f"{eval_set.fingerprint}.{hashlib.sha256(canon.encode()).hexdigest()[:8]}"
 
@@ -190,9 +190,9 @@ def _restrict(emb: ClipEmbeddings, columns: Sequence[int]) -> tuple[Tensor, Tens
     return kept, rows, new_index[emb.text_to_item[rows]]
 
 
-def _score_retrieval(emb: ClipEmbeddings, section: EvalSection) -> _Scored:
+def _score_retrieval(emb: ClipEmbeddings, config: EvalConfig) -> _Scored:
     names = list(emb.items)
-    ks = sorted(section.ks)
+    ks = sorted(config.ks)
     metrics: dict[str, float] = {}
     retrieval: dict[str, Any] = {}
     curves: dict[str, list[float]] = {}
@@ -208,7 +208,7 @@ def _score_retrieval(emb: ClipEmbeddings, section: EvalSection) -> _Scored:
             "t2i": {k: _finite(v) for k, v in t2i.items()},
             "i2t": {k: _finite(v) for k, v in i2t.items()},
         }
-        curves[f"{prefix}_t2i"] = _recall_curve(r.text_to_item, section.curve_max_k)
+        curves[f"{prefix}_t2i"] = _recall_curve(r.text_to_item, config.curve_max_k)
 
     full = retrieval_ranks(
         emb.text,
@@ -216,7 +216,7 @@ def _score_retrieval(emb: ClipEmbeddings, section: EvalSection) -> _Scored:
         emb.text_to_item,
         score="volume",
         item_mask=emb.present,
-        chunk_size=section.chunk_size,
+        chunk_size=config.chunk_size,
     )
     record("volume", names, "volume", True, full)
     subsets = [
@@ -231,12 +231,12 @@ def _score_retrieval(emb: ClipEmbeddings, section: EvalSection) -> _Scored:
         chosen = [names[c] for c in columns]
         items = [emb.items[n][kept] for n in chosen]
         vol = retrieval_ranks(
-            emb.text[rows], items, owner, score="volume", chunk_size=section.chunk_size
+            emb.text[rows], items, owner, score="volume", chunk_size=config.chunk_size
         )
         record("volume_" + "_".join(chosen), chosen, "volume", False, vol)
         if len(columns) == 1:
             cos = retrieval_ranks(
-                emb.text[rows], items, owner, score="cosine", chunk_size=section.chunk_size
+                emb.text[rows], items, owner, score="cosine", chunk_size=config.chunk_size
             )
             record(f"cosine_{chosen[0]}", chosen, "cosine", False, cos)
     return _Scored(metrics, retrieval, curves)
@@ -288,13 +288,13 @@ def _prompt(template: str, fields: Sequence[str], values: tuple[str, ...]) -> st
 
 @torch.no_grad()
 def _score_classification(
-    model: GramModel, emb: ClipEmbeddings, section: ClassificationSection, chunk_size: int
+    model: GramModel, emb: ClipEmbeddings, config: ClassificationConfig, chunk_size: int
 ) -> tuple[dict[str, float], dict[str, Any]]:
-    fields = section.label_fields
+    fields = config.label_fields
     found = [_class_of(lab, fields) for lab in emb.labels]
     classes: list[tuple[str, ...]]
-    if section.classes:
-        classes = [(c,) for c in section.classes]
+    if config.classes:
+        classes = [(c,) for c in config.classes]
     else:
         classes = sorted({c for c in found if c is not None})
     if not classes:
@@ -309,12 +309,12 @@ def _score_classification(
     unknown = len(found) - unlabeled - len(keep)
     if not keep:
         return {}, {"skipped": f"no clip is labeled with one of the {len(classes)} classes"}
-    prompts = [_prompt(t, fields, c) for c in classes for t in section.prompts]
+    prompts = [_prompt(t, fields, c) for c in classes for t in config.prompts]
     anchor = model.names[0]
     rows = []
     for p0 in range(0, len(prompts), 256):
         rows.append(model.encode(anchor, {anchor: prompts[p0 : p0 + 256]}).float().cpu())
-    class_emb = class_embeddings(torch.cat(rows).view(len(classes), len(section.prompts), -1))
+    class_emb = class_embeddings(torch.cat(rows).view(len(classes), len(config.prompts), -1))
     kept = torch.tensor(keep, dtype=torch.int64)
     labels = torch.tensor([known[i] for i in keep], dtype=torch.int64)  # [N']
     names = list(emb.items)
@@ -349,7 +349,7 @@ def _score_classification(
         "modalities": names,
         "label_fields": list(fields),
         "classes": [" ".join(c) for c in classes],
-        "prompts": list(section.prompts),
+        "prompts": list(config.prompts),
         "top1": result.top1,
         "top5": result.top5,
         "items": len(keep),
@@ -363,10 +363,10 @@ def _score_classification(
 
 
 def score(
-    model: GramModel, emb: ClipEmbeddings, section: EvalSection
+    model: GramModel, emb: ClipEmbeddings, config: EvalConfig
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """All metrics (flat) and the report sections, from the embeddings of an eval set."""
-    scored = _score_retrieval(emb, section)
+    scored = _score_retrieval(emb, config)
     metrics = dict(scored.metrics)
     names = list(emb.items)
     counts: dict[str, Any] = {
@@ -382,11 +382,11 @@ def score(
         "counts": counts,
         "retrieval": scored.retrieval,
         "recall_curves": scored.curves,
-        "volume_distribution": _volume_distribution(emb, section.chunk_size),
+        "volume_distribution": _volume_distribution(emb, config.chunk_size),
     }
-    if section.classification.enabled:
+    if config.classification.enabled:
         cls_metrics, report["classification"] = _score_classification(
-            model, emb, section.classification, section.chunk_size
+            model, emb, config.classification, config.chunk_size
         )
         metrics.update(cls_metrics)
     else:
@@ -408,23 +408,23 @@ def _pictures(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def evaluate_files(
-    files: ModelFiles, section: EvalSection, s3: S3Config, out_dir: Path
+    files: ModelFiles, config: EvalConfig, s3: S3Config, out_dir: Path
 ) -> EvaluationResult:
     """Embed the eval set with the model in `files`, score it, write report.json and pictures."""
     start = time.perf_counter()
-    eval_set = read_eval_set(section.shards, s3)
+    eval_set = read_eval_set(config.shards, s3)
     model = load_model_files(files.weights, files.tokenizer)
-    fields = section.classification.label_fields if section.classification.enabled else []
+    fields = config.classification.label_fields if config.classification.enabled else []
     emb = embed_eval_set(
         files.weights,
         eval_set.shards,
-        section.parallel,
+        config.parallel,
         label_fields=fields,
         s3=s3,
         tokenizer=files.tokenizer,
     )
-    metrics, sections = score(model, emb, section)
-    ident = eval_id(eval_set, section)
+    metrics, sections = score(model, emb, config)
+    ident = eval_id(eval_set, config)
     report: dict[str, Any] = {
         "format": REPORT_FORMAT,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -445,13 +445,13 @@ def evaluate_files(
             "shards": len(eval_set.shards),
         },
         "embedding": {
-            "mode": "local" if section.parallel.local else "ray",
+            "mode": "local" if config.parallel.local else "ray",
             "tasks": emb.tasks,
             "nodes": len(emb.nodes),
         },
         **sections,
         "metrics": {k: _finite(v) for k, v in sorted(metrics.items())},
-        "config": redact(to_dict(section)),
+        "config": redact(to_dict(config)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     pictures = _pictures(report, out_dir)

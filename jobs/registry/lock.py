@@ -43,7 +43,7 @@ from typing import Any
 
 from gram.config import ConfigError
 
-__all__ = ["LockError", "LockLostError", "LockSection", "LockTimeoutError", "RegistryLock"]
+__all__ = ["LockConfig", "LockError", "LockLostError", "LockTimeoutError", "RegistryLock"]
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class LockLostError(LockError):
 
 
 @dataclass
-class LockSection:
+class LockConfig:
     """The promotion lock.
 
     lease_seconds: how long a holder may keep it before others may break it, s.
@@ -98,16 +98,16 @@ class RegistryLock:
     Args:
         client: an `mlflow.MlflowClient` on the tracking/registry server.
         model_name: the registered model the lock protects.
-        section: lease, grace, wait and margin times.
+        config: lease, grace, wait and margin times.
         purpose: a short note stored on the lock (what the holder is doing).
     """
 
     def __init__(
-        self, client: Any, model_name: str, section: LockSection | None = None, *, purpose: str = ""
+        self, client: Any, model_name: str, config: LockConfig | None = None, *, purpose: str = ""
     ) -> None:
         self.client = client
         self.name = f"{model_name}{LOCK_SUFFIX}"
-        self.section = section or LockSection()
+        self.config = config or LockConfig()
         self.purpose = purpose[:200]
         self.token = secrets.token_hex(8)
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
@@ -135,7 +135,7 @@ class RegistryLock:
     def _create(self) -> bool:
         from mlflow.exceptions import MlflowException
 
-        expires = time.time() + self.section.lease_seconds
+        expires = time.time() + self.config.lease_seconds
         try:
             self.client.create_registered_model(
                 self.name,
@@ -161,10 +161,10 @@ class RegistryLock:
         expires = lock.tags.get(EXPIRES_TAG)
         if expires is None:  # created by hand or half-written: judge by its last update
             started = (lock.last_updated_timestamp or lock.creation_timestamp or 0) / 1000
-            deadline = started + self.section.lease_seconds
+            deadline = started + self.config.lease_seconds
         else:
             deadline = float(expires)
-        return time.time() > deadline + self.section.grace_seconds
+        return time.time() > deadline + self.config.grace_seconds
 
     def _break(self, lock: Any) -> None:
         from mlflow.exceptions import MlflowException
@@ -191,7 +191,7 @@ class RegistryLock:
     def acquire(self) -> RegistryLock:
         """Take the lock, waiting up to `wait_seconds`; raises LockTimeoutError."""
         start = time.monotonic()
-        deadline = start + self.section.wait_seconds
+        deadline = start + self.config.wait_seconds
         delay = 0.1
         announced = False
         while True:
@@ -216,7 +216,7 @@ class RegistryLock:
                 expires = current.tags.get(EXPIRES_TAG, "?") if current is not None else "?"
                 raise LockTimeoutError(
                     f"the promotion lock {self.name!r} is held by {holder} (lease until "
-                    f"{expires}, Unix time); waited {self.section.wait_seconds:.0f} s. Retry "
+                    f"{expires}, Unix time); waited {self.config.wait_seconds:.0f} s. Retry "
                     "later, raise lock.wait_seconds, or, if that holder is certainly gone, "
                     f"delete the registered model {self.name!r}"
                 )
@@ -226,7 +226,7 @@ class RegistryLock:
     def check(self) -> None:
         """Raise LockLostError unless we still hold the lock with `margin_seconds` to spare."""
         left = self.expires - time.time()
-        if left < self.section.margin_seconds:
+        if left < self.config.margin_seconds:
             raise LockLostError(
                 f"only {left:.1f} s left of the lease on {self.name!r}: stopping before any "
                 "write (raise lock.lease_seconds if the registry is slow)"
@@ -237,7 +237,7 @@ class RegistryLock:
 
     def release(self) -> None:
         """Delete the lock if it is still ours; an expired lease is left for others to break."""
-        if self.expires - time.time() < self.section.margin_seconds:
+        if self.expires - time.time() < self.config.margin_seconds:
             log.warning("lease on %s ran out before release; leaving it to expire", self.name)
             return
         current = self._read()

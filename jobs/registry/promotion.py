@@ -3,7 +3,7 @@
     outcome = promote(cfg)     # evaluate if needed, lock, gate, move aliases, record
     outcome = rollback(cfg)    # lock, champion <- previous, record
 
-The gate (`GateSection`), on metrics of one eval set (same `eval_id` for both models):
+The gate (`GateConfig`), on metrics of one eval set (same `eval_id` for both models):
     at_least[m]      candidate[m] >= value (e.g. volume_t2i_r1 >= 30)
     at_most[m]       candidate[m] <= value (e.g. volume_t2i_medr <= 2)
     max_regression[m]  candidate may be worse than the current champion by at most
@@ -35,8 +35,8 @@ from typing import Any
 
 from gram.config import ConfigError
 from jobs.evaluation.embedding import read_eval_set
-from jobs.evaluation.scoring import EvalSection, eval_id, evaluate_files
-from jobs.registry.lock import LockSection, RegistryLock
+from jobs.evaluation.scoring import EvalConfig, eval_id, evaluate_files
+from jobs.registry.lock import LockConfig, RegistryLock
 from jobs.registry.models import (
     eval_metrics_of,
     experiment_for,
@@ -51,7 +51,7 @@ from pipelines.storage import S3Config
 __all__ = [
     "Check",
     "Decision",
-    "GateSection",
+    "GateConfig",
     "Outcome",
     "PromoteConfig",
     "decide",
@@ -70,7 +70,7 @@ _ATTEMPTS = 3
 
 
 @dataclass
-class GateSection:
+class GateConfig:
     """Promotion gate; metric names as in the evaluation report (`volume_t2i_r1`, ...)."""
 
     at_least: dict[str, float] = field(default_factory=lambda: {"volume_t2i_r1": 0.0})
@@ -99,9 +99,9 @@ class PromoteConfig:
     rollback: bool = False
     note: str = ""
     output: str = "promote-output"
-    eval: EvalSection = field(default_factory=EvalSection)
-    gate: GateSection = field(default_factory=GateSection)
-    lock: LockSection = field(default_factory=LockSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    lock: LockConfig = field(default_factory=LockConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     s3: S3Config = field(default_factory=S3Config)
 
@@ -151,7 +151,7 @@ class Decision:
 
 
 def decide(
-    candidate: dict[str, float], champion: dict[str, float] | None, gate: GateSection
+    candidate: dict[str, float], champion: dict[str, float] | None, gate: GateConfig
 ) -> Decision:
     """Apply the gate to the candidate's metrics (and the champion's, on the same eval set)."""
     checks = []

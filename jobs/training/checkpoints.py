@@ -42,7 +42,7 @@ LossKind = Literal["gram", "cosine_anchor", "cosine_all"]
 
 
 @dataclass
-class DataSection:
+class DataConfig:
     """Shards to train on. URIs are folders holding `index.json` + `*.tar` (local or s3://)."""
 
     train: str = ""
@@ -62,7 +62,7 @@ class DataSection:
 
 
 @dataclass
-class LossSection:
+class LossConfig:
     kind: LossKind = "gram"
     temperature: float = 0.07
     learn_temperature: bool = True
@@ -70,7 +70,7 @@ class LossSection:
 
 
 @dataclass
-class ScalingSection:
+class ScalingConfig:
     """Ray Train workers. On a 2-CPU machine keep cpus_per_worker * workers <= CPUs.
 
     workers = 0 is Ray Train's local mode: the loop runs in the calling process, with no
@@ -92,7 +92,7 @@ class ScalingSection:
 
 
 @dataclass
-class CheckpointSection:
+class CheckpointConfig:
     """storage: Ray Train storage path (local folder or s3://bucket/prefix); runs live in
     `<storage>/<name>`. resume_from: a checkpoint folder URI to start from (weights,
     optimizer and counters) when the run has no checkpoint of its own yet."""
@@ -121,11 +121,11 @@ class TrainConfig:
     name: str = "gram"
     model: str = "tiny"
     model_overrides: list[str] = field(default_factory=list)
-    data: DataSection = field(default_factory=DataSection)
-    loss: LossSection = field(default_factory=LossSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     s3: S3Config = field(default_factory=S3Config)
     epochs: int = 1

@@ -17,8 +17,8 @@ from gram.config import load_config
 from gram.decode import DecodeConfig, collate, decode_sample
 from gram.synthetic import SyntheticClips
 from gram.weights import load_checkpoint
-from jobs.evaluation.embedding import ParallelSection
-from jobs.evaluation.scoring import ClassificationSection, EvalSection, ModelFiles, evaluate_files
+from jobs.evaluation.embedding import ParallelConfig
+from jobs.evaluation.scoring import ClassificationConfig, EvalConfig, ModelFiles, evaluate_files
 from pipelines.sample_shards import write_sample_shards
 from pipelines.storage import S3Config
 from tests.jobs.conftest import EVAL_CLIPS, SYNTHETIC_CLASSES, checkpoint_of_run, training_run
@@ -26,7 +26,7 @@ from tests.jobs.conftest import EVAL_CLIPS, SYNTHETIC_CLASSES, checkpoint_of_run
 REPO = Path(__file__).resolve().parents[2]
 PNG = b"\x89PNG\r\n\x1a\n"
 
-CLASSIFY = ClassificationSection(
+CLASSIFY = ClassificationConfig(
     label_fields=["color", "sound"],
     prompts=["a {color} square and a {sound}", "{color} square with {sound} sound"],
 )
@@ -39,8 +39,8 @@ def _env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def local_result(checkpoints, eval_shards, tmp_path_factory):
     """The evaluation library in this process (no Ray) on the trained tiny model."""
-    section = EvalSection(
-        shards=eval_shards, parallel=ParallelSection(local=True), classification=CLASSIFY
+    section = EvalConfig(
+        shards=eval_shards, parallel=ParallelConfig(local=True), classification=CLASSIFY
     )
     files = ModelFiles(weights=checkpoints.good / "model.safetensors", source="good")
     return evaluate_files(files, section, S3Config(), tmp_path_factory.mktemp("local-eval"))

@@ -28,7 +28,7 @@ from gram.synthetic import SyntheticClips
 from gram.volume import volume
 from gram.weights import load_checkpoint
 from jobs import promote, register
-from jobs.registry.lock import LockSection, RegistryLock
+from jobs.registry.lock import LockConfig, RegistryLock
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import InputItem
 from pipelines.sample_shards import write_sample_shards
@@ -61,9 +61,9 @@ print(json.dumps({"gram": gram.__file__, "ray": "ray" in sys.modules,
 HOLD_LOCK = """
 import os, sys, time
 from mlflow import MlflowClient
-from jobs.registry.lock import LockSection, RegistryLock
+from jobs.registry.lock import LockConfig, RegistryLock
 url, name, log, rounds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-section = LockSection(lease_seconds=float(sys.argv[5]), grace_seconds=0.5, wait_seconds=120,
+section = LockConfig(lease_seconds=float(sys.argv[5]), grace_seconds=0.5, wait_seconds=120,
                       margin_seconds=0.5)
 client = MlflowClient(url)
 for _ in range(rounds):
@@ -340,7 +340,7 @@ def test_two_promotions_racing_end_with_one_champion_and_a_consistent_audit_trai
     assert promote.main(args) == 0
     contenders = [_register(url, name, checkpoints.good, *evaluated) for _ in range(2)]
 
-    gate = RegistryLock(client, name, LockSection(lease_seconds=300), purpose="test gate")
+    gate = RegistryLock(client, name, LockConfig(lease_seconds=300), purpose="test gate")
     gate.acquire()
     outputs: list[list[str]] = [[], []]
     waiting = [threading.Event(), threading.Event()]
@@ -426,7 +426,7 @@ def test_the_registry_lock_excludes_two_processes_and_a_crashed_holder_expires(
         os.killpg(crashed.pid, signal.SIGKILL)
     finally:
         crashed.wait(timeout=30)
-    section = LockSection(lease_seconds=10, grace_seconds=0.5, wait_seconds=30, margin_seconds=1)
+    section = LockConfig(lease_seconds=10, grace_seconds=0.5, wait_seconds=30, margin_seconds=1)
     start = time.monotonic()
     with RegistryLock(client, name, section, purpose="test") as lock:
         lock.check()
