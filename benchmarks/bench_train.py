@@ -31,11 +31,11 @@ from gram.decode import DecodeConfig, collate, decode_sample  # noqa: E402
 from gram.loss import GramLoss  # noqa: E402
 from gram.model import build_model  # noqa: E402
 from gram.model_config import model_config  # noqa: E402
-from gram.shards import ShardInfo, ShardLoader  # noqa: E402
+from gram.shards import ShardLoader  # noqa: E402
 from gram.steps import OptimConfig, build_optimizer, cosine_schedule, train_step  # noqa: E402
 from gram.synthetic import SyntheticClips  # noqa: E402
+from pipelines.index import read_listing  # noqa: E402
 from pipelines.sample_shards import write_sample_shards  # noqa: E402
-from pipelines.writer import read_index  # noqa: E402
 
 
 def baseline(data: str, steps: int, batch: int) -> float:
@@ -48,7 +48,7 @@ def baseline(data: str, steps: int, batch: int) -> float:
     optim_cfg = OptimConfig(lr=1e-3, warmup_steps=10, total_steps=steps + 20)
     optimizer = build_optimizer(model, loss, optim_cfg)
     scheduler = cosine_schedule(optimizer, optim_cfg)
-    shards = [ShardInfo(f"{data}/{s['name']}", s["samples"]) for s in read_index(data)["shards"]]
+    shards = read_listing(data).shards
     decode_cfg = DecodeConfig.from_model(cfg)
     loader = ShardLoader(
         shards,

@@ -17,7 +17,6 @@ import io
 import json
 import shutil
 import tempfile
-import typing
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pipelines import storage
+from pipelines.index import INDEX_FILE
 from pipelines.shards import END_OF_ARCHIVE, archive_padding, json_bytes, shard_name
 from pipelines.stages import ClipResult
 from pipelines.storage import S3Config
@@ -37,9 +37,7 @@ __all__ = [
     "Totals",
     "check_run_file",
     "finished_shards",
-    "read_index",
     "read_state",
-    "shard_uris",
     "state_uri",
     "write_index",
     "write_manifest",
@@ -48,7 +46,6 @@ __all__ = [
 STATE_DIR = "_state"
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.parquet"
-INDEX_FILE = "index.json"
 
 MANIFEST_SCHEMA_FIELDS: list[tuple[str, str]] = [
     ("index", "int64"),
@@ -319,18 +316,6 @@ def write_manifest(
     totals.failed = sum(reasons.values())
     totals.failed_by_reason = dict(sorted(reasons.items()))
     return uri, totals
-
-
-def read_index(output: str, *, s3: S3Config | None = None) -> dict[str, Any]:
-    """The `index.json` of a finished output (raises StorageNotFoundError if unfinished)."""
-    return typing.cast(
-        dict[str, Any], json.loads(storage.read_bytes(storage.join(output, INDEX_FILE), s3=s3))
-    )
-
-
-def shard_uris(output: str, *, s3: S3Config | None = None) -> list[str]:
-    """Full URIs of every shard of a finished output, in order (from its index.json)."""
-    return [storage.join(output, s["name"]) for s in read_index(output, s3=s3)["shards"]]
 
 
 def write_index(output: str, index: dict[str, Any], *, s3: S3Config | None) -> str:

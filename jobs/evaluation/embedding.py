@@ -16,7 +16,6 @@ logged and counted (`skipped`), never silently lost.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import random
@@ -37,11 +36,11 @@ from gram.model import GramModel
 from gram.shards import RawSample, ShardInfo, ShardLoader
 from gram.steps import embed_for_retrieval
 from pipelines import storage
+from pipelines.index import ShardListing, read_listing
 from pipelines.storage import S3Config
 
 __all__ = [
     "ClipEmbeddings",
-    "EvalSet",
     "ParallelConfig",
     "embed_eval_set",
     "embed_shards",
@@ -79,42 +78,11 @@ class ParallelConfig:
             raise ConfigError("parallel.batch_size and parallel.decode_threads must be >= 1")
 
 
-@dataclass(frozen=True)
-class EvalSet:
-    """An eval set: its shards and the fingerprint of its index (shard names, sizes, sha256)."""
-
-    uri: str
-    shards: list[ShardInfo]
-    fingerprint: str
-    input_fingerprint: str
-
-
-def read_eval_set(uri: str, s3: S3Config) -> EvalSet:
+def read_eval_set(uri: str, s3: S3Config) -> ShardListing:
     """The shards listed in `<uri>/index.json` (a preprocessing output, local or s3://)."""
-    from pipelines.writer import read_index
-
     if not uri:
         raise ConfigError("eval.shards is required: the folder (or s3:// prefix) of eval shards")
-    try:
-        index = read_index(uri, s3=s3)
-    except storage.StorageNotFoundError:
-        raise ConfigError(
-            f"{uri!r} has no index.json: point eval.shards at a finished `python -m "
-            "jobs.preprocess` output (or one written by pipelines.sample_shards)"
-        ) from None
-    entries = [
-        {"name": s["name"], "samples": int(s["samples"]), "sha256": s.get("sha256", "")}
-        for s in index["shards"]
-    ]
-    if not entries:
-        raise ConfigError(f"{uri!r}: index.json lists no shards")
-    canon = json.dumps(entries, sort_keys=True, separators=(",", ":"))
-    return EvalSet(
-        uri=uri,
-        shards=[ShardInfo(storage.join(uri, e["name"]), e["samples"]) for e in entries],
-        fingerprint=hashlib.sha256(canon.encode()).hexdigest()[:16],
-        input_fingerprint=str(index.get("input", {}).get("fingerprint", "")),
-    )
+    return read_listing(uri, s3=s3, key="eval.shards")
 
 
 @dataclass

@@ -48,13 +48,13 @@ from gram.retrieval import rank_summary, retrieval_ranks, score_matrix
 from jobs.cluster.secrets import redact, scrub
 from jobs.evaluation.embedding import (
     ClipEmbeddings,
-    EvalSet,
     ParallelConfig,
     embed_eval_set,
     load_model_files,
     read_eval_set,
 )
 from jobs.evaluation.plots import plot_confusion, plot_recall_curves, plot_volume_distributions
+from pipelines.index import ShardListing
 from pipelines.storage import S3Config
 
 __all__ = [
@@ -153,7 +153,7 @@ class EvaluationResult:
     report_path: Path
 
 
-def eval_id(eval_set: EvalSet, config: EvalConfig) -> str:
+def eval_id(eval_set: ShardListing, config: EvalConfig) -> str:
     """`<index fingerprint>.<protocol fingerprint>`: equal ids = comparable metrics."""
     protocol = {"ks": sorted(config.ks), "classification": to_dict(config.classification)}
     canon = json.dumps(protocol, sort_keys=True, separators=(",", ":"))

@@ -26,9 +26,9 @@ from gram.schema import ClipMeta, frame_suffix, validate_key
 from jobs.preprocess import main, run
 from pipelines import storage
 from pipelines.config import PreprocessConfig
+from pipelines.index import read_listing
 from pipelines.preprocess import FailureRateError
 from pipelines.storage import S3Config
-from pipelines.writer import shard_uris
 from tests.pipelines.conftest import SHELL_NAME
 
 pytestmark = pytest.mark.slow
@@ -283,8 +283,8 @@ def test_s3_prefix_of_real_clips_read_back_by_streaming(
     summary = run(_config(f"s3://{bucket}/videos/", output))
     assert (summary.inputs, summary.ok) == (6, 6)
     keys = []
-    for uri in shard_uris(output, s3=s3):  # what a training job does: no local copy
-        stream = storage.open_read(uri, s3=s3)
+    for shard in read_listing(output, s3=s3).shards:  # what a training job does: no copy
+        stream = storage.open_read(shard.url, s3=s3)
         with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
             keys += [
                 m.name.split(".", 1)[0]
