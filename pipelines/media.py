@@ -2,7 +2,7 @@
 
     info = probe("clip.mp4", timeout_s=30)
     times = frame_times(info.duration, num_segments=8)
-    jpegs = extract_frames("clip.mp4", times, size=224, quality=90, timeout_s=60)
+    jpegs = decode_clip("clip.mp4", times, size=224, quality=90, timeout_s=60).frames
     pcm = extract_audio("clip.mp4", num_samples=audio_length(info.duration, 10.0), timeout_s=60)
     flac = encode_flac(pcm)
 
@@ -44,7 +44,6 @@ __all__ = [
     "encode_flac",
     "encode_jpeg",
     "extract_audio",
-    "extract_frames",
     "frame_times",
     "has_audio_stream",
     "probe",
@@ -299,32 +298,6 @@ class Decoded:
     frames: list[bytes]
     pcm: np.ndarray | None
     """16 kHz mono int16, shape [audio_samples]; None when no audio was asked for."""
-
-
-def extract_frames(
-    path: str,
-    times: list[float],
-    *,
-    size: int = 224,
-    quality: int = 90,
-    timeout_s: float = 120.0,
-    threads: int = 1,
-    seek_above_s: float = 60.0,
-    duration: float = 0.0,
-    fps: float = 0.0,
-) -> list[bytes]:
-    """JPEG frames only; see `decode_clip`."""
-    return decode_clip(
-        path,
-        times,
-        size=size,
-        quality=quality,
-        timeout_s=timeout_s,
-        threads=threads,
-        seek_above_s=seek_above_s,
-        duration=duration,
-        fps=fps,
-    ).frames
 
 
 def decode_clip(

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _frames(path, info, **kw):
     times = media.frame_times(info.duration, 8)
-    return media.extract_frames(str(path), times, duration=info.duration, fps=info.fps, **kw)
+    return media.decode_clip(str(path), times, duration=info.duration, fps=info.fps, **kw).frames
 
 
 @pytest.mark.parametrize(
@@ -137,7 +137,7 @@ watcher = threading.Thread(target=watch)
 watcher.start()
 info = media.probe(sys.argv[1], timeout_s=30)
 times = media.frame_times(info.duration, 8)
-frames = media.extract_frames(sys.argv[1], times, duration=info.duration, fps=info.fps)
+frames = media.decode_clip(sys.argv[1], times, duration=info.duration, fps=info.fps).frames
 done.set()
 watcher.join()
 print(json.dumps({"size": [info.width, info.height], "frames": len(frames),
