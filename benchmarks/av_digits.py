@@ -348,8 +348,8 @@ def _train_one(cfg: BenchConfig, plan: PlannedRun, cpus: float) -> RunRecord:
     import shutil
 
     from gram.config import from_dict
+    from jobs.train import TrainConfig
     from jobs.train import run as train_run
-    from jobs.training.checkpoints import TrainConfig
 
     settings = _train_config(cfg, plan.data, plan.method, plan.seed, cpus)
     shutil.rmtree(cfg.out_dir / "runs" / plan.name, ignore_errors=True)  # an unfinished attempt

@@ -20,18 +20,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from jobs.catalog import JOBS
+
 __all__ = ["COMMANDS", "main"]
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("jobs.demo", "generate clips, preprocess, train, evaluate, register, promote"),
-    "preprocess": ("jobs.preprocess", "clips in local/S3 storage -> WebDataset shards"),
-    "train": ("jobs.train", "GRAM training on Ray Train with global negatives"),
-    "evaluate": ("jobs.evaluate", "retrieval + zero-shot classification of a model"),
-    "register": ("jobs.register", "log a checkpoint as an MLflow pyfunc model version"),
-    "promote": ("jobs.promote", "gated move of the 'champion' alias"),
+    **{job.name: (job.module, job.summary) for job in JOBS},
     "rollback": ("jobs.promote", "give 'champion' back to the previous version"),
-    "submit": ("jobs.submit", "run any job on a Ray cluster through the Jobs API"),
 }
+"""Command -> (module, summary): every job of `jobs.catalog`, and `rollback`, which is
+`gram promote --rollback`."""
 BENCHMARKS = {
     "av-digits": "av_digits.py",
     "volume": "bench_volume.py",

@@ -16,17 +16,14 @@ which is what `jobs.promote` compares. Exit status: 0 done, 2 configuration erro
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gram.config import ConfigError, load_config
-from jobs.cluster.secrets import install_log_scrubber
-from jobs.common.entry import add_config_arguments, config_help
+from jobs.common.entry import EXIT_OK, job_main
 from jobs.evaluation.scoring import EvalConfig, EvaluationResult, evaluate_files
 from jobs.registry.models import experiment_for, log_evaluation, resolve_model, tag_eval_metrics
 from jobs.training.tracking import TrackingConfig, default_tracking_uri
@@ -105,29 +102,14 @@ def run(cfg: EvaluateConfig) -> tuple[EvaluationResult, str]:
     return result, run_id
 
 
-def build_parser(prog: str = "python -m jobs.evaluate") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=config_help(EvaluateConfig),
-    )
-    add_config_arguments(parser)
-    return parser
+def _run(cfg: EvaluateConfig) -> int:
+    run(cfg)
+    return EXIT_OK
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m jobs.evaluate") -> int:
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    install_log_scrubber()
-    try:
-        run(load_config(EvaluateConfig, args.config, args.overrides))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.evaluate") -> int:
+    """Command-line entry point; returns the process exit code."""
+    return job_main(argv, prog=prog, doc=__doc__, config=EvaluateConfig, run=_run)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 from collections.abc import Sequence
 
-from gram.config import ConfigError, load_config
-from jobs.common.entry import add_config_arguments, config_help
+from jobs.common.entry import EXIT_FAILED, EXIT_OK, EXIT_USAGE, job_main
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import ManifestError
 from pipelines.preprocess import FailureRateError, Summary, preprocess
@@ -41,45 +39,43 @@ def run(config: PreprocessConfig) -> Summary:
     return preprocess(config, executor=ray_executor(config))
 
 
-def build_parser(prog: str = "python -m jobs.preprocess") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__,
-        epilog=config_help(PreprocessConfig),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--input", help="manifest (.jsonl/.csv/.parquet) or folder/prefix; local or s3://"
     )
     parser.add_argument("--output", help="folder or s3:// prefix for shards, index and manifest")
-    add_config_arguments(parser)
-    return parser
+
+
+def _apply(config: PreprocessConfig, args: argparse.Namespace) -> PreprocessConfig:
+    """`--input` / `--output` win over the config file and the overrides."""
+    return dataclasses.replace(
+        config, input=args.input or config.input, output=args.output or config.output
+    )
+
+
+def _run(config: PreprocessConfig) -> int:
+    try:
+        summary = run(config)
+    except FailureRateError as exc:
+        print("\n".join(exc.summary.lines()), file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print("\n".join(summary.lines()))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.preprocess") -> int:
     """Command-line entry point; returns the process exit code."""
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO,
-        format="[%(asctime)s %(name)s] %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
+    return job_main(
+        argv,
+        prog=prog,
+        doc=__doc__,
+        config=PreprocessConfig,
+        run=_run,
+        options=_options,
+        apply=_apply,
+        errors={ManifestError: EXIT_USAGE, OutputConflictError: EXIT_USAGE},
     )
-    try:
-        config = load_config(PreprocessConfig, args.config, args.overrides)
-        config = dataclasses.replace(
-            config, input=args.input or config.input, output=args.output or config.output
-        )
-        summary = run(config)
-    except (ConfigError, ManifestError, OutputConflictError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except FailureRateError as exc:
-        print("\n".join(exc.summary.lines()), file=sys.stderr)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print("\n".join(summary.lines()))
-    return 0
 
 
 if __name__ == "__main__":

@@ -19,17 +19,17 @@ Exit status: 0 registered, 2 configuration error.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 import tempfile
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gram.config import ConfigError, load_config
-from jobs.cluster.secrets import install_log_scrubber, scrub
-from jobs.common.entry import add_config_arguments, config_help, git_commit
+from gram.config import ConfigError
+from jobs.cluster.secrets import scrub
+from jobs.common.entry import EXIT_OK, job_main
+from jobs.common.git import git_commit
 from jobs.evaluation.scoring import EvalConfig, evaluate_files
 from jobs.registry.models import (
     experiment_for,
@@ -69,8 +69,6 @@ class RegisterConfig:
 
 def run(cfg: RegisterConfig) -> str:
     """Log, register, tag (and evaluate); returns the new version number."""
-    from dataclasses import replace
-
     from mlflow import MlflowClient
 
     if not cfg.checkpoint or parse_model_uri(cfg.checkpoint) is not None:
@@ -128,29 +126,14 @@ def run(cfg: RegisterConfig) -> str:
     return version
 
 
-def build_parser(prog: str = "python -m jobs.register") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=config_help(RegisterConfig),
-    )
-    add_config_arguments(parser)
-    return parser
+def _run(cfg: RegisterConfig) -> int:
+    run(cfg)
+    return EXIT_OK
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m jobs.register") -> int:
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    install_log_scrubber()
-    try:
-        run(load_config(RegisterConfig, args.config, args.overrides))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.register") -> int:
+    """Command-line entry point; returns the process exit code."""
+    return job_main(argv, prog=prog, doc=__doc__, config=RegisterConfig, run=_run)
 
 
 if __name__ == "__main__":

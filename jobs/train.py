@@ -13,29 +13,155 @@ resumes from the latest checkpoint, and re-running the same `name` resumes the
 run. Connects to $RAY_ADDRESS when set, else starts Ray on this machine;
 `scaling.workers=0` runs the loop in this process instead (Ray Train's local mode,
 no cluster), e.g. to debug or for many small runs.
+
+This file declares the job's config (`TrainConfig`) and runs the driver: it reads the
+shard listings, plans the steps, starts the MLflow run and hands the loop of
+jobs/training/loop.py to Ray Train (see that module for how the two avoid importing each
+other). Exit status: 0 done, 1 training failed, 2 configuration error.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from gram.config import ConfigError, load_config, to_dict
-from gram.shards import ShardInfo, steps_per_epoch
-from jobs.cluster.connection import init_ray, secret_env, storage_filesystem
-from jobs.common.entry import add_config_arguments, config_help, git_commit
-from jobs.training.checkpoints import TrainConfig, run_checkpoints
-from jobs.training.loop import RunPlan, train_loop_per_worker
-from jobs.training.tracking import Tracker
+from gram.config import ConfigError, to_dict
+from gram.shards import steps_per_epoch
+from gram.steps import OptimConfig
+from jobs.cluster.connection import init_ray, storage_filesystem
+from jobs.cluster.secrets import WorkerCredentials
+from jobs.common.entry import EXIT_OK, job_main
+from jobs.common.git import git_commit
+from jobs.training.checkpoints import run_checkpoints
+from jobs.training.loop import RunPlan, SampleAudit, TrainCallback, train_loop_per_worker
+from jobs.training.tracking import Tracker, TrackingConfig
 from pipelines import storage
-from pipelines.writer import read_index
+from pipelines.index import read_listing
+from pipelines.storage import S3Config
 
-log = logging.getLogger("gram.train")
+__all__ = [
+    "CheckpointConfig",
+    "DataConfig",
+    "LossConfig",
+    "ScalingConfig",
+    "TrainConfig",
+    "TrainResult",
+    "main",
+    "run",
+]
+
+LossKind = Literal["gram", "cosine_anchor", "cosine_all"]
+
+
+@dataclass
+class DataConfig:
+    """Shards to train on. URIs are folders holding `index.json` + `*.tar` (local or s3://)."""
+
+    train: str = ""
+    eval: str = ""
+    batch_size: int = 32
+    shuffle_buffer: int = 512
+    decode_threads: int = 2
+    prefetch_batches: int = 4
+    eval_max_batches: int = 0
+    audit_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1 (per worker), got {self.batch_size}")
+        if self.decode_threads < 1 or self.prefetch_batches < 1:
+            raise ConfigError("data.decode_threads and data.prefetch_batches must be >= 1")
+
+
+@dataclass
+class LossConfig:
+    kind: LossKind = "gram"
+    temperature: float = 0.07
+    learn_temperature: bool = True
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class ScalingConfig:
+    """Ray Train workers. On a 2-CPU machine keep cpus_per_worker * workers <= CPUs.
+
+    workers = 0 is Ray Train's local mode: the loop runs in the calling process, with no
+    Ray cluster and no actors to start (for debugging and small runs); checkpoints,
+    resuming and MLflow work as with workers.
+    """
+
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    threads_per_worker: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"scaling.workers must be >= 0 (0 = local mode), got {self.workers}")
+        if self.cpus_per_worker <= 0:
+            raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+
+
+@dataclass
+class CheckpointConfig:
+    """storage: Ray Train storage path (local folder or s3://bucket/prefix); runs live in
+    `<storage>/<name>`. resume_from: a checkpoint folder URI to start from (weights,
+    optimizer and counters) when the run has no checkpoint of its own yet."""
+
+    storage: str = "runs"
+    every_steps: int = 100
+    keep: int = 3
+    resume_from: str = ""
+
+    def __post_init__(self) -> None:
+        if self.every_steps < 1 or self.keep < 1:
+            raise ConfigError("checkpoint.every_steps and checkpoint.keep must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """`python -m jobs.train --config FILE key=value ...`; re-running the same name resumes.
+
+    Steps are optimizer steps of `optim.accumulation_steps` micro-batches of
+    `data.batch_size` per worker. `max_steps` (0 = epochs x steps per epoch) is
+    where training stops; `schedule_steps` (0 = the same) is the length of the
+    learning-rate schedule (it sets `optim.total_steps`), e.g. to stop a run
+    early and continue it later on the same schedule.
+    """
+
+    name: str = "gram"
+    model: str = "tiny"
+    model_overrides: list[str] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    epochs: int = 1
+    max_steps: int = 0
+    schedule_steps: int = 0
+    log_every_steps: int = 10
+    report_every_steps: int = 50
+    eval_every_steps: int = 0
+    max_failures: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        for key in ("max_steps", "schedule_steps", "eval_every_steps"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0 (0 = off/automatic)")
+        for key in ("log_every_steps", "report_every_steps"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1")
 
 
 @dataclass
@@ -50,20 +176,7 @@ class TrainResult:
     seconds: float
 
 
-def read_shards(uri: str, s3: storage.S3Config) -> tuple[list[ShardInfo], str]:
-    """Shards and sample counts from a preprocessing output's index.json, and its fingerprint."""
-    try:
-        index = read_index(uri, s3=s3)
-    except storage.StorageNotFoundError:
-        raise ConfigError(
-            f"{uri!r} has no index.json: point data.train/data.eval at a finished "
-            "`python -m jobs.preprocess` output folder"
-        ) from None
-    shards = [ShardInfo(storage.join(uri, s["name"]), int(s["samples"])) for s in index["shards"]]
-    return shards, str(index.get("input", {}).get("fingerprint", ""))
-
-
-def _resumed_run_id(cfg: TrainConfig, s3: storage.S3Config) -> str:
+def _resumed_run_id(cfg: TrainConfig, s3: S3Config) -> str:
     """The MLflow run of an earlier attempt with this name, from its latest checkpoint."""
     saved = run_checkpoints(storage.join(cfg.checkpoint.storage, cfg.name), s3)
     if not saved:
@@ -72,16 +185,22 @@ def _resumed_run_id(cfg: TrainConfig, s3: storage.S3Config) -> str:
     return str(state["progress"]["mlflow_run_id"])
 
 
-def run(cfg: TrainConfig) -> TrainResult:
-    """Plan the run, start MLflow, fit with Ray Train, and report where everything went."""
+def run(cfg: TrainConfig, callbacks: Sequence[TrainCallback] = ()) -> TrainResult:
+    """Plan the run, start MLflow, fit with Ray Train, and report where everything went.
+
+    `callbacks` see every worker start, step and finish (`data.audit_dir` adds a
+    `SampleAudit`); they are shipped to the workers, so they must pickle."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not cfg.data.train:
         raise ConfigError("data.train is required: the folder of a preprocessing output")
     s3 = cfg.s3.resolved()
-    shards, fingerprint = read_shards(cfg.data.train, s3)
-    eval_shards = read_shards(cfg.data.eval, s3)[0] if cfg.data.eval else []
+    listing = read_listing(cfg.data.train, s3=s3, key="data.train")
+    shards = listing.shards
+    eval_shards = (
+        read_listing(cfg.data.eval, s3=s3, key="data.eval").shards if cfg.data.eval else []
+    )
     total = sum(s.count for s in shards)
     local = cfg.scaling.workers == 0  # Ray Train's local mode: the loop runs in this process
     world = max(1, cfg.scaling.workers)
@@ -101,7 +220,7 @@ def run(cfg: TrainConfig) -> TrainResult:
     tracker.log_params(
         {
             **to_dict(cfg),
-            "dataset_fingerprint": fingerprint,
+            "dataset_fingerprint": listing.input_fingerprint,
             "train_samples": total,
             "total_steps": total_steps,
         }
@@ -123,12 +242,15 @@ def run(cfg: TrainConfig) -> TrainResult:
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
+    if cfg.data.audit_dir:
+        callbacks = [*callbacks, SampleAudit(cfg.data.audit_dir)]
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": to_dict(cfg),
             "plan": RunPlan(shards, eval_shards, total_steps, per_epoch, run_id),
-            "secret_env": secret_env(),
+            "credentials": WorkerCredentials.of_driver(s3),
+            "callbacks": list(callbacks),
         },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -162,34 +284,19 @@ def run(cfg: TrainConfig) -> TrainResult:
     return TrainResult(int(metrics.get("step", 0)), ckpt_uri, run_id, tracker.uri, metrics, seconds)
 
 
-def build_parser(prog: str = "python -m jobs.train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=config_help(TrainConfig),
-    )
-    add_config_arguments(parser)
-    return parser
-
-
-def main(argv: list[str] | None = None, prog: str = "python -m jobs.train") -> int:
-    args = build_parser(prog).parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        result = run(cfg)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _run(cfg: TrainConfig) -> int:
+    result = run(cfg)
     print(
         f"\ndone: step {result.final_step} in {result.seconds:.0f} s\n"
         f"  checkpoint: {result.checkpoint_uri or '(none)'}\n"
         f"  MLflow run: {result.mlflow_run_id or '(not reached)'} at {result.tracking_uri}"
     )
-    return 0
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.train") -> int:
+    """Command-line entry point; returns the process exit code."""
+    return job_main(argv, prog=prog, doc=__doc__, config=TrainConfig, run=_run)
 
 
 if __name__ == "__main__":

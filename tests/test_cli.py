@@ -10,6 +10,7 @@ import pytest
 
 from gram.config import ConfigError, load_config
 from jobs import cli
+from jobs.catalog import JOBS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,19 +51,8 @@ def test_unknown_command_and_wrong_key_name_the_closest(capsys):
 
 
 def _config_classes() -> dict[str, type]:
-    from jobs.evaluate import EvaluateConfig
-    from jobs.promote import PromoteConfig
-    from jobs.register import RegisterConfig
-    from jobs.training.checkpoints import TrainConfig
-    from pipelines.config import PreprocessConfig
-
-    return {
-        "preprocess": PreprocessConfig,
-        "train": TrainConfig,
-        "evaluate": EvaluateConfig,
-        "register": RegisterConfig,
-        "promote": PromoteConfig,
-    }
+    """The config class of every job that runs on a cluster (each has an example config)."""
+    return {job.name: job.config_class() for job in JOBS if job.on_cluster}
 
 
 def test_every_example_config_loads_into_its_typed_config():

@@ -1,4 +1,8 @@
-"""Connecting to Ray and to the storage Ray Train writes checkpoints to."""
+"""Connecting to Ray and to the storage Ray Train writes checkpoints to.
+
+Credentials never travel in the runtime env set here (see jobs.cluster.secrets): only the
+non-secret FORWARDED_SETTINGS do.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +10,12 @@ import logging
 import os
 from typing import Any
 
+from jobs.cluster.secrets import FORWARDED_SETTINGS
 from pipelines import storage
 
-__all__ = [
-    "FORWARDED_ENV",
-    "SECRET_ENV",
-    "apply_secret_env",
-    "init_ray",
-    "secret_env",
-    "storage_filesystem",
-]
+__all__ = ["init_ray", "storage_filesystem"]
 
 log = logging.getLogger(__name__)
-
-FORWARDED_ENV = (
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_S3_ENDPOINT_URL",
-)
-"""Non-secret storage and tracking settings a driver hands to its workers (in the job's
-runtime environment) when it joins an existing cluster."""
-
-SECRET_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
-)
-"""Credentials never go into a runtime environment: Ray's runtime-env agent writes those to
-its log files. A driver that has them passes them to its own workers in-band, with the
-work (`secret_env` / `apply_secret_env`); clusters can instead give their nodes the
-credentials (Kubernetes Secrets, instance roles)."""
-
-
-def secret_env() -> dict[str, str]:
-    """The credentials in this process's environment, to hand to workers with the work."""
-    return {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
-
-
-def apply_secret_env(values: dict[str, str]) -> None:
-    """In a worker: make the driver's credentials visible to boto3, pyarrow and MLflow."""
-    for key, value in values.items():
-        if key in SECRET_ENV:
-            os.environ.setdefault(key, value)
 
 
 def init_ray(address: str = "") -> None:
@@ -62,7 +25,7 @@ def init_ray(address: str = "") -> None:
     if ray.is_initialized():
         return
     target = address or os.environ.get("RAY_ADDRESS") or None
-    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)} if target else {}
+    env = {k: os.environ[k] for k in FORWARDED_SETTINGS if os.environ.get(k)} if target else {}
     # Worker prints go to the driver once (Ray Train would also copy them to its logger).
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     ray.init(address=target, runtime_env={"env_vars": env}, log_to_driver=True)

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from jobs.cluster.secrets import REDACTED, SECRET_ENV_VARS, is_secret_name
+from jobs.cluster.secrets import (
+    NOT_SECRET_VARS,
+    SECRET_ENV_VARS,
+    TOKEN_FILE_SOURCE,
+    is_secret_name,
+    mask,
+    read_token_file,
+    token_file_value,
+)
+from jobs.common.entry import EXIT_USAGE
 
 __all__ = [
     "EXIT_CLUSTER",
@@ -41,21 +50,16 @@ __all__ = [
     "find_token",
     "follow",
     "has_url_password",
-    "mask",
     "require_token",
     "resolve_address",
     "translate_error",
 ]
 
-EXIT_USAGE = 2
 EXIT_CLUSTER = 3
 TOKEN_DOCS = "infra/README.md#tokens"  # noqa: S105 (a documentation link, not a token)
 
-# Secret-looking variable names that hold no secret; their values may be shown.
-_NOT_SECRET_VARS = frozenset(
-    {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "SSH_AUTH_SOCK", "XAUTHORITY", "GIT_ASKPASS"}
-)
 _MIN_SECRET_CHARS = 6
+"""Shorter values are not looked for in what is sent (they would match by chance)."""
 _URL_WITH_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]+:[^/\s@]+@")
 _FETCH_HINT = (
     "KubeRay: kubectl get secret gram-ray-auth -o jsonpath='{.data.auth_token}' | base64 -d "
@@ -91,26 +95,17 @@ def client_secrets(environ: Mapping[str, str]) -> dict[str, str]:
 
     Keyed by where each value comes from, e.g. `AWS_SECRET_ACCESS_KEY`.
     """
-    found: dict[str, str] = {}
-    for name, value in environ.items():
-        if name in _NOT_SECRET_VARS or len(value) < _MIN_SECRET_CHARS:
-            continue
-        if name in SECRET_ENV_VARS or is_secret_name(name):
-            found[name] = value
-    token_path = environ.get("RAY_AUTH_TOKEN_PATH", "")
-    if token_path and Path(token_path).is_file():
-        value = Path(token_path).read_text(encoding="utf-8", errors="replace").strip()
-        if len(value) >= _MIN_SECRET_CHARS:
-            found["the file at RAY_AUTH_TOKEN_PATH"] = value
+    found = {
+        name: value
+        for name, value in environ.items()
+        if name not in NOT_SECRET_VARS
+        and len(value) >= _MIN_SECRET_CHARS
+        and (name in SECRET_ENV_VARS or is_secret_name(name))
+    }
+    token = token_file_value(environ)
+    if len(token) >= _MIN_SECRET_CHARS:
+        found[TOKEN_FILE_SOURCE] = token
     return found
-
-
-def mask(text: str, secret_values: Sequence[str]) -> str:
-    """`text` with every one of `secret_values` replaced by `***` (longest first)."""
-    for value in sorted(secret_values, key=len, reverse=True):
-        if value:
-            text = text.replace(value, REDACTED)
-    return text
 
 
 def resolve_address(address: str, environ: Mapping[str, str]) -> str:
@@ -148,7 +143,7 @@ def resolve_address(address: str, environ: Mapping[str, str]) -> str:
 def _read_token(path: str, source: str) -> Token:
     p = Path(path).expanduser()
     try:
-        value = p.read_text(encoding="utf-8").strip()
+        value = read_token_file(p)
     except OSError as exc:
         raise JobsApiError(
             f"{source}: cannot read the token file {str(p)!r} ({exc.strerror}); point it at "
@@ -169,7 +164,7 @@ def find_token(token_path: str, environ: Mapping[str, str]) -> Token | None:
     if environ.get("RAY_AUTH_TOKEN_PATH", ""):
         return _read_token(environ["RAY_AUTH_TOKEN_PATH"], "$RAY_AUTH_TOKEN_PATH")
     default = Path(environ.get("HOME") or Path.home()) / ".ray" / "auth_token"
-    if default.is_file() and default.read_text(encoding="utf-8", errors="replace").strip():
+    if default.is_file() and read_token_file(default):
         return _read_token(str(default), "~/.ray/auth_token")
     return None
 

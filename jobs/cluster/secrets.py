@@ -1,9 +1,16 @@
-"""Keep credentials out of logs, MLflow params/tags, reports and checkpoints.
+"""Credentials: which variables hold them, how their values are kept out of everything that is
+recorded or shown, and how a driver hands them to its workers. The one place for all three.
 
-Two defences: values under secret-looking keys are replaced before anything is
-recorded (`redact`), and the values of known credential variables in the
-environment are scrubbed from every log line and report text (`scrub`,
-`install_log_scrubber`).
+Keeping them out:
+- values under secret-looking keys are replaced before anything is recorded (`redact`:
+  MLflow params and tags, checkpoints' `state.json`, evaluation reports);
+- secret values are replaced by `***` wherever they appear in text (`mask` for given values,
+  `scrub` for the ones this process knows, `install_log_scrubber` for every log record).
+
+Handing them over: credentials never go into a Ray runtime env (Ray's runtime-env agent
+writes those to its log files, and the dashboard shows them). A driver resolves them once
+and passes them to its workers with the work, as arguments (`WorkerCredentials`); clusters
+can instead give their nodes the credentials (Kubernetes Secrets, instance roles).
 """
 
 from __future__ import annotations
@@ -11,12 +18,33 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-__all__ = ["REDACTED", "install_log_scrubber", "is_secret_name", "redact", "scrub", "secret_values"]
+from pipelines.storage import S3Config
+
+__all__ = [
+    "FORWARDED_SETTINGS",
+    "NOT_SECRET_VARS",
+    "REDACTED",
+    "SECRET_ENV_VARS",
+    "TOKEN_FILE_SOURCE",
+    "WORKER_CREDENTIAL_VARS",
+    "WorkerCredentials",
+    "install_log_scrubber",
+    "is_secret_name",
+    "mask",
+    "read_token_file",
+    "redact",
+    "scrub",
+    "secret_values",
+    "token_file_value",
+]
 
 REDACTED = "***"
+
 SECRET_ENV_VARS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -25,6 +53,36 @@ SECRET_ENV_VARS = (
     "MLFLOW_TRACKING_TOKEN",
     "RAY_AUTH_TOKEN",
 )
+"""Variables whose values are secrets: masked in every log line and printed output, and never
+put in a job's entrypoint, metadata or runtime env. (Any variable whose name looks secret,
+`is_secret_name`, is treated the same way when a job is submitted.)"""
+
+WORKER_CREDENTIAL_VARS = (
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+"""MLflow's credentials, which a training worker needs to log and S3Config cannot carry. The
+username is a credential to hand over but not a secret to mask: it names an account, and
+masking a short name would blot out ordinary words in the logs."""
+
+FORWARDED_SETTINGS = (
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_S3_ENDPOINT_URL",
+)
+"""Non-secret storage and tracking settings: a driver that joins a cluster hands them to its
+workers in the job's runtime env (`jobs.cluster.connection.init_ray`)."""
+
+NOT_SECRET_VARS = frozenset(
+    {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "SSH_AUTH_SOCK", "XAUTHORITY", "GIT_ASKPASS"}
+)
+"""Names that look secret (`is_secret_name`) but hold no secret: their values may be shown."""
+
+TOKEN_FILE_SOURCE = "the file at RAY_AUTH_TOKEN_PATH"  # noqa: S105 (where a value comes from)
+_MIN_MASKED_CHARS = 4
 _SECRET_NAME = re.compile(
     r"(secret|passw(or)?d|token|credential|access_key|api_key|private_key|auth)", re.IGNORECASE
 )
@@ -48,24 +106,44 @@ def redact(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def secret_values() -> list[str]:
-    """Current values of the known credential variables (at least 4 characters long)."""
-    vals = {os.environ.get(name, "") for name in SECRET_ENV_VARS}
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if token_path and os.path.isfile(token_path):
-        try:
-            with open(token_path, encoding="utf-8") as fh:
-                vals.add(fh.read().strip())
-        except OSError:
-            pass
-    return sorted((v for v in vals if len(v) >= 4), key=len, reverse=True)
+def read_token_file(path: str | Path) -> str:
+    """The Ray auth token stored in the file at `path` (`~` expanded), without surrounding
+    white space; raises OSError when the file cannot be read."""
+    return Path(path).expanduser().read_text(encoding="utf-8", errors="replace").strip()
+
+
+def token_file_value(environ: Mapping[str, str]) -> str:
+    """The token in the file named by RAY_AUTH_TOKEN_PATH, or '' (no such file)."""
+    path = environ.get("RAY_AUTH_TOKEN_PATH", "")
+    if not path or not Path(path).expanduser().is_file():
+        return ""
+    try:
+        return read_token_file(path)
+    except OSError:
+        return ""
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The secret values known to this process (`environ`: default os.environ), keyed by where
+    each comes from: the set SECRET_ENV_VARS and the Ray token file. Values shorter than 4
+    characters are left out (masking them would blot out ordinary text)."""
+    environ = os.environ if environ is None else environ
+    found = {name: environ.get(name, "") for name in SECRET_ENV_VARS}
+    found[TOKEN_FILE_SOURCE] = token_file_value(environ)
+    return {k: v for k, v in found.items() if len(v) >= _MIN_MASKED_CHARS}
+
+
+def mask(text: str, values: Iterable[str]) -> str:
+    """`text` with every one of `values` replaced by `***` (longest first)."""
+    for value in sorted(set(values), key=len, reverse=True):
+        if value:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 def scrub(text: str) -> str:
-    """`text` with every known secret value replaced by `***`."""
-    for value in secret_values():
-        text = text.replace(value, REDACTED)
-    return text
+    """`text` with every secret value this process knows (`secret_values`) masked."""
+    return mask(text, secret_values().values())
 
 
 class _ScrubbingFilter(logging.Filter):
@@ -85,3 +163,30 @@ def install_log_scrubber() -> None:
     for handler in handlers:
         if not any(isinstance(f, _ScrubbingFilter) for f in handler.filters):
             handler.addFilter(_ScrubbingFilter())
+
+
+@dataclass(frozen=True)
+class WorkerCredentials:
+    """What a driver hands its Ray workers, with the work, so they reach storage and MLflow.
+
+    s3: the driver's S3 settings resolved on the driver (`S3Config.resolved`: its credentials
+        ride along unless `s3.forward_credentials` is false), as preprocessing's tasks get them.
+    mlflow: the driver's WORKER_CREDENTIAL_VARS that are set.
+    Neither shows in a repr.
+    """
+
+    s3: S3Config
+    mlflow: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of_driver(cls, s3: S3Config) -> WorkerCredentials:
+        """This (driver) process's credentials for `s3` and for MLflow."""
+        env = {k: os.environ[k] for k in WORKER_CREDENTIAL_VARS if os.environ.get(k)}
+        return cls(s3.resolved(), env)
+
+    def apply(self) -> S3Config:
+        """In a worker: make the MLflow credentials visible to MLflow (a worker's own, from
+        its node, win) and return the S3 settings to use."""
+        for key, value in self.mlflow.items():
+            os.environ.setdefault(key, value)
+        return self.s3

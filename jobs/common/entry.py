@@ -1,16 +1,60 @@
-"""Shared command-line plumbing: `--config FILE`, `key=value` overrides, defaults in `--help`."""
+"""The `main` every job shares: its command line, logging, log scrubber and exit codes.
+
+A job file declares its config dataclass and a `run`, and hands both to `job_main`:
+
+    def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.train") -> int:
+        return job_main(argv, prog=prog, doc=__doc__, config=TrainConfig, run=_run)
+
+so that every job reads `--config FILE` (YAML or JSON) and trailing `key=value` overrides
+checked against its typed config (a wrong key names itself and the closest valid one),
+lists every key with its default in `--help`, logs in one format with every known secret
+value masked, and exits with the same codes:
+
+    0  done (EXIT_OK)
+    1  the work ran and failed, or was refused (EXIT_FAILED)
+    2  bad options, config or input: the message says what to change (EXIT_USAGE)
+
+A job may add options of its own (`options`, applied to the loaded config by `apply`) and map
+its own exceptions to exit codes (`errors`, e.g. promotion's lock errors to 3).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import subprocess
+import logging
+import sys
 import typing
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
-__all__ = ["add_config_arguments", "config_help", "git_commit"]
+from gram.config import ConfigError, load_config
+from jobs.cluster.secrets import install_log_scrubber
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "add_config_arguments",
+    "config_help",
+    "job_main",
+    "job_parser",
+    "setup_logging",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+C = TypeVar("C")
+
+
+def setup_logging() -> None:
+    """INFO and above to stderr in the jobs' one format, with secret values masked."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    install_log_scrubber()
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,17 +99,48 @@ def config_help(cls: type[Any]) -> str:
     return "config keys (default):\n" + "\n".join(lines)
 
 
-def git_commit(folder: str | Path | None = None) -> str:
-    """The git commit of the project checkout, or '' outside a git checkout."""
-    where = Path(folder) if folder else Path(__file__).resolve().parents[2]
+def job_parser(
+    prog: str,
+    doc: str,
+    config: type[Any],
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The job's command line: its docstring, its own `options`, `--config`, overrides, and
+    every config key with its default after the options."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=doc,
+        epilog=config_help(config),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if options is not None:
+        options(parser)
+    add_config_arguments(parser)
+    return parser
+
+
+def job_main(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    doc: str,
+    config: type[C],
+    run: Callable[[C], int],
+    options: Callable[[argparse.ArgumentParser], None] | None = None,
+    apply: Callable[[C, argparse.Namespace], C] | None = None,
+    errors: Mapping[type[Exception], int] | None = None,
+) -> int:
+    """Parse the command line, set up logging, load the config and `run` it; returns the exit
+    code: `run`'s own, EXIT_USAGE for a ConfigError (printed as `error: ...`), or the code
+    `errors` gives the exception raised (printed the same way)."""
+    args = job_parser(prog, doc, config, options).parse_args(argv)
+    setup_logging()
+    handled: dict[type[Exception], int] = {ConfigError: EXIT_USAGE, **(errors or {})}
     try:
-        out = subprocess.run(
-            ["git", "-C", str(where), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
+        cfg = load_config(config, args.config, args.overrides)
+        if apply is not None:
+            cfg = apply(cfg, args)
+        return run(cfg)
+    except tuple(handled) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return next(code for kind, code in handled.items() if isinstance(exc, kind))

@@ -185,12 +185,12 @@ def experiment_for(client: Any, files: ModelFiles, fallback: str) -> str:
     info = training_info(client, files.training_run_id)
     if info.get("experiment_id"):
         return info["experiment_id"]
-    from jobs.training.tracking import _artifact_location
+    from jobs.training.tracking import artifact_location
 
     found = client.get_experiment_by_name(fallback)
     if found is not None:
         return str(found.experiment_id)
-    location = _artifact_location(client.tracking_uri, fallback)
+    location = artifact_location(client.tracking_uri, fallback)
     return str(client.create_experiment(fallback, artifact_location=location))
 
 

@@ -1,7 +1,10 @@
-"""Gated promotion of a registered model version to `champion`, and rollback.
+"""The parts of a gated promotion to `champion` and of a rollback: the gate, the metrics it
+compares, the aliases and the audit trail (`jobs/promote.py` puts them together under the
+registry lock).
 
-    outcome = promote(cfg)     # evaluate if needed, lock, gate, move aliases, record
-    outcome = rollback(cfg)    # lock, champion <- previous, record
+    decision = decide(candidate_metrics, champion_metrics, gate)   # every check, with numbers
+    seq = record_decision(client, name, note, candidate, before, decision, eval_id, waited)
+    seq = record_rollback(client, name, note, restored, before)
 
 The gate (`GateConfig`), on metrics of one eval set (same `eval_id` for both models):
     at_least[m]      candidate[m] >= value (e.g. volume_t2i_r1 >= 30)
@@ -25,7 +28,6 @@ registered model (`gram.audit.NNNNNN`, JSON, numbered without gaps).
 from __future__ import annotations
 
 import json
-import logging
 import socket
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -36,37 +38,35 @@ from typing import Any
 from gram.config import ConfigError
 from jobs.evaluation.embedding import read_eval_set
 from jobs.evaluation.scoring import EvalConfig, eval_id, evaluate_files
-from jobs.registry.lock import LockConfig, RegistryLock
 from jobs.registry.models import (
     eval_metrics_of,
     experiment_for,
-    get_version,
     log_evaluation,
     resolve_model,
     tag_eval_metrics,
 )
-from jobs.training.tracking import TrackingConfig, default_tracking_uri
 from pipelines.storage import S3Config
 
 __all__ = [
+    "CHAMPION",
+    "PREVIOUS",
     "Check",
     "Decision",
     "GateConfig",
     "Outcome",
-    "PromoteConfig",
+    "VersionMetrics",
+    "alias_version",
     "decide",
-    "promote",
-    "rollback",
+    "record_decision",
+    "record_rollback",
+    "version_of",
 ]
-
-log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 PREVIOUS = "previous"
 AUDIT_PREFIX = "gram.audit."
 DECISION_PREFIX = "gram.promotion."
 _LOWER_IS_BETTER = ("_medr", "_meanr")
-_ATTEMPTS = 3
 
 
 @dataclass
@@ -83,27 +83,6 @@ class GateConfig:
         bad = {k: v for k, v in self.max_regression.items() if v < 0}
         if bad:
             raise ConfigError(f"gate.max_regression values must be >= 0, got {bad}")
-
-
-@dataclass
-class PromoteConfig:
-    """`python -m jobs.promote name=gram version=candidate [--rollback]`.
-
-    version: the version number or alias to promote (ignored by rollback).
-    note: free text stored with the decision (who/why); never put secrets here.
-    output: local folder for the reports of evaluations the gate needs.
-    """
-
-    name: str = "gram"
-    version: str = "candidate"
-    rollback: bool = False
-    note: str = ""
-    output: str = "promote-output"
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    gate: GateConfig = field(default_factory=GateConfig)
-    lock: LockConfig = field(default_factory=LockConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    s3: S3Config = field(default_factory=S3Config)
 
 
 @dataclass(frozen=True)
@@ -193,7 +172,8 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _alias(client: Any, name: str, alias: str) -> Any | None:
+def alias_version(client: Any, name: str, alias: str) -> Any | None:
+    """The version `name@alias` points at, or None."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -204,7 +184,8 @@ def _alias(client: Any, name: str, alias: str) -> Any | None:
         raise
 
 
-def _version_of(mv: Any | None) -> str:
+def version_of(mv: Any | None) -> str:
+    """The version number of `mv` as a string, '' for None."""
     return str(mv.version) if mv is not None else ""
 
 
@@ -218,14 +199,22 @@ def _append_audit(client: Any, name: str, entry: dict[str, Any]) -> int:
     return seq
 
 
-class _Evaluator:
-    """Metrics of versions on the configured eval set, evaluating (and tagging) when missing."""
+class VersionMetrics:
+    """Metrics of registered versions on one eval set, evaluating (and tagging) when missing.
 
-    def __init__(self, client: Any, cfg: PromoteConfig, s3: S3Config) -> None:
+    Evaluations write their reports under `output` and log an evaluation run in the training
+    run's experiment (else `experiment`).
+    """
+
+    def __init__(
+        self, client: Any, config: EvalConfig, s3: S3Config, *, output: str, experiment: str
+    ) -> None:
         self.client = client
-        self.cfg = cfg
+        self.config = config
         self.s3 = s3
-        self.eval_id = eval_id(read_eval_set(cfg.eval.shards, s3), cfg.eval)
+        self.output = output
+        self.experiment = experiment
+        self.eval_id = eval_id(read_eval_set(config.shards, s3), config)
 
     def known(self, mv: Any) -> dict[str, float] | None:
         """The version's metrics on this eval set from its tags (None: not evaluated yet)."""
@@ -236,7 +225,7 @@ class _Evaluator:
         found = self.known(mv)
         if found is not None:
             return found
-        print(f"evaluating version {mv.version} of {mv.name!r} on {self.cfg.eval.shards} ...")
+        print(f"evaluating version {mv.version} of {mv.name!r} on {self.config.shards} ...")
         with tempfile.TemporaryDirectory(prefix="gram-promote-") as tmp:
             files = resolve_model(
                 f"models:/{mv.name}/{mv.version}",
@@ -244,9 +233,9 @@ class _Evaluator:
                 s3=self.s3,
                 workdir=Path(tmp),
             )
-            out = Path(self.cfg.output) / f"{mv.name}-v{mv.version}"
-            result = evaluate_files(files, self.cfg.eval, self.s3, out)
-        experiment = experiment_for(self.client, files, self.cfg.tracking.experiment)
+            out = Path(self.output) / f"{mv.name}-v{mv.version}"
+            result = evaluate_files(files, self.config, self.s3, out)
+        experiment = experiment_for(self.client, files, self.experiment)
         run_id = log_evaluation(
             self.client, result, files, experiment, f"evaluate-{mv.name}-v{mv.version}"
         )
@@ -254,20 +243,24 @@ class _Evaluator:
         return result.metrics
 
 
-def _record_decision(
+def record_decision(
     client: Any,
-    cfg: PromoteConfig,
+    name: str,
+    note: str,
     candidate: str,
     before: str,
     decision: Decision,
     ev_id: str,
     waited: float,
 ) -> int:
+    """Write the gate's decision on `candidate` (call under the lock): an audit entry on the
+    registered model and `gram.promotion.*` tags on the version (and on the replaced
+    champion); returns the audit entry's number."""
     passed = decision.passed
     checks = [c.to_json() for c in decision.checks]
     seq = _append_audit(
         client,
-        cfg.name,
+        name,
         {
             "action": "promote" if passed else "refuse",
             "version": candidate,
@@ -277,7 +270,7 @@ def _record_decision(
             "eval_id": ev_id,
             "checks": checks,
             "reasons": decision.reasons,
-            "note": cfg.note,
+            "note": note,
             "time": _now(),
             "by": socket.gethostname(),
             "lock_waited_s": round(waited, 2),
@@ -293,111 +286,36 @@ def _record_decision(
         "audit": f"{seq:06d}",
     }
     for key, value in tags.items():
-        client.set_model_version_tag(cfg.name, candidate, DECISION_PREFIX + key, value)
+        client.set_model_version_tag(name, candidate, DECISION_PREFIX + key, value)
     if passed and before:
         client.set_model_version_tag(
-            cfg.name, before, DECISION_PREFIX + "replaced_by", f"{candidate} ({_now()})"
+            name, before, DECISION_PREFIX + "replaced_by", f"{candidate} ({_now()})"
         )
     return seq
 
 
-def promote(cfg: PromoteConfig) -> Outcome:
-    """Gate the version and, if it passes, make it the champion (see the module docstring)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(default_tracking_uri(cfg.tracking.tracking_uri))
-    s3 = cfg.s3.resolved()
-    candidate = get_version(client, cfg.name, cfg.version)
-    version = str(candidate.version)
-    evaluator = _Evaluator(client, cfg, s3)
-    candidate_metrics = evaluator.metrics(candidate)
-    for _ in range(_ATTEMPTS):
-        seen = _alias(client, cfg.name, CHAMPION)
-        if seen is not None and _version_of(seen) != version:
-            evaluator.metrics(seen)  # evaluations happen outside the lock (and are tagged)
-        with RegistryLock(client, cfg.name, cfg.lock, purpose=f"promote {version}") as lock:
-            champion = _alias(client, cfg.name, CHAMPION)
-            before = _version_of(champion)
-            if before == version:
-                return Outcome(
-                    "noop",
-                    True,
-                    version,
-                    before,
-                    before,
-                    evaluator.eval_id,
-                    message=f"version {version} is already the champion",
-                )
-            champion_metrics = evaluator.known(champion) if champion is not None else None
-            if champion is not None and champion_metrics is None:
-                continue  # a new champion, never evaluated on this set, arrived meanwhile
-            decision = decide(candidate_metrics, champion_metrics, cfg.gate)
-            lock.check()
-            if decision.passed:
-                if before:
-                    client.set_registered_model_alias(cfg.name, PREVIOUS, before)
-                client.set_registered_model_alias(cfg.name, CHAMPION, version)
-            seq = _record_decision(
-                client, cfg, version, before, decision, evaluator.eval_id, lock.waited
-            )
-            return Outcome(
-                "promote" if decision.passed else "refuse",
-                decision.passed,
-                version,
-                before,
-                version if decision.passed else before,
-                evaluator.eval_id,
-                decision,
-                audit_seq=seq,
-            )
-    raise RuntimeError(
-        f"the champion of {cfg.name!r} changed {_ATTEMPTS} times while this promotion ran: "
-        "retry when the other promotions are done"
+def record_rollback(client: Any, name: str, note: str, restored: str, before: str) -> int:
+    """Write a rollback from `before` to `restored` (call under the lock): an audit entry and
+    the versions' tags; returns the audit entry's number."""
+    seq = _append_audit(
+        client,
+        name,
+        {
+            "action": "rollback",
+            "version": restored,
+            "champion_before": before,
+            "champion_after": restored,
+            "previous_after": "",
+            "note": note,
+            "time": _now(),
+            "by": socket.gethostname(),
+        },
     )
-
-
-def rollback(cfg: PromoteConfig) -> Outcome:
-    """Move `champion` back to the version aliased `previous` (one step), under the lock."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(default_tracking_uri(cfg.tracking.tracking_uri))
-    with RegistryLock(client, cfg.name, cfg.lock, purpose="rollback") as lock:
-        champion = _alias(client, cfg.name, CHAMPION)
-        previous = _alias(client, cfg.name, PREVIOUS)
-        before = _version_of(champion)
-        if previous is None:
-            return Outcome(
-                "rollback",
-                False,
-                "",
-                before,
-                before,
-                message=f"{cfg.name!r} has no version aliased {PREVIOUS!r}: nothing to roll "
-                "back to (promote a version explicitly instead)",
-            )
-        restored = str(previous.version)
-        lock.check()
-        client.set_registered_model_alias(cfg.name, CHAMPION, restored)
-        client.delete_registered_model_alias(cfg.name, PREVIOUS)
-        seq = _append_audit(
-            client,
-            cfg.name,
-            {
-                "action": "rollback",
-                "version": restored,
-                "champion_before": before,
-                "champion_after": restored,
-                "previous_after": "",
-                "note": cfg.note,
-                "time": _now(),
-                "by": socket.gethostname(),
-            },
-        )
+    client.set_model_version_tag(
+        name, restored, DECISION_PREFIX + "decision", f"restored by rollback ({_now()})"
+    )
+    if before:
         client.set_model_version_tag(
-            cfg.name, restored, DECISION_PREFIX + "decision", f"restored by rollback ({_now()})"
+            name, before, DECISION_PREFIX + "rolled_back", f"{_now()} (audit {seq:06d})"
         )
-        if before:
-            client.set_model_version_tag(
-                cfg.name, before, DECISION_PREFIX + "rolled_back", f"{_now()} (audit {seq:06d})"
-            )
-    return Outcome("rollback", True, restored, before, restored, audit_seq=seq)
+    return seq

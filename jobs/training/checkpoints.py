@@ -1,151 +1,49 @@
-"""The training job's typed config and its per-worker loop (run by Ray Train on every rank).
-
-Each rank builds the model from a named config, wraps it for DDP, streams its
-share of the shards (`gram.shards.ShardLoader`), and steps with `GramLoss`
-gathering every modality's embeddings across ranks with gradient. Rank 0
-writes checkpoints, logs to MLflow and prints progress; every rank reports to
-Ray Train every `report_every_steps` steps (each report can block ~2 s).
+"""Training checkpoints: what one holds, where the run keeps them, and where training stands.
 
 A checkpoint is a folder:
     model.safetensors  weights + loss temperature + model config (gram.weights format)
     trainer.pt         optimizer, scheduler, step, epoch, position in the epoch, RNG
                        states, MLflow run id (loaded with torch.load(weights_only=True))
     state.json         the same counters, human-readable, plus the full job config
+                       (secrets redacted); written last, so its presence marks a complete one
+
+A run keeps its checkpoints in `<checkpoint.storage>/<name>/checkpoint_<UTC time>/`, oldest
+first by name (`run_checkpoints`), local or on S3. `Progress` is where training stands, and
+`data_layout` / `resume_position` decide whether a resumed run may keep its place in an epoch.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import random
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from gram.config import ConfigError, to_dict
-from gram.steps import OptimConfig
+from gram.config import from_dict, to_dict
+from gram.weights import load_weights, read_loss_state, save_checkpoint
 from jobs.cluster.secrets import redact
-from jobs.training.tracking import TrackingConfig
 from pipelines import storage
 from pipelines.storage import S3Config
 
-log = logging.getLogger("gram.train")
-
-LossKind = Literal["gram", "cosine_anchor", "cosine_all"]
-
-
-@dataclass
-class DataConfig:
-    """Shards to train on. URIs are folders holding `index.json` + `*.tar` (local or s3://)."""
-
-    train: str = ""
-    eval: str = ""
-    batch_size: int = 32
-    shuffle_buffer: int = 512
-    decode_threads: int = 2
-    prefetch_batches: int = 4
-    eval_max_batches: int = 0
-    audit_dir: str = ""
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"data.batch_size must be >= 1 (per worker), got {self.batch_size}")
-        if self.decode_threads < 1 or self.prefetch_batches < 1:
-            raise ConfigError("data.decode_threads and data.prefetch_batches must be >= 1")
-
-
-@dataclass
-class LossConfig:
-    kind: LossKind = "gram"
-    temperature: float = 0.07
-    learn_temperature: bool = True
-    label_smoothing: float = 0.1
-
-
-@dataclass
-class ScalingConfig:
-    """Ray Train workers. On a 2-CPU machine keep cpus_per_worker * workers <= CPUs.
-
-    workers = 0 is Ray Train's local mode: the loop runs in the calling process, with no
-    Ray cluster and no actors to start (for debugging and small runs); checkpoints,
-    resuming and MLflow work as with workers.
-    """
-
-    workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    threads_per_worker: int = 1
-
-    def __post_init__(self) -> None:
-        if self.workers < 0:
-            raise ConfigError(f"scaling.workers must be >= 0 (0 = local mode), got {self.workers}")
-        if self.cpus_per_worker <= 0:
-            raise ConfigError(f"scaling.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
-
-
-@dataclass
-class CheckpointConfig:
-    """storage: Ray Train storage path (local folder or s3://bucket/prefix); runs live in
-    `<storage>/<name>`. resume_from: a checkpoint folder URI to start from (weights,
-    optimizer and counters) when the run has no checkpoint of its own yet."""
-
-    storage: str = "runs"
-    every_steps: int = 100
-    keep: int = 3
-    resume_from: str = ""
-
-    def __post_init__(self) -> None:
-        if self.every_steps < 1 or self.keep < 1:
-            raise ConfigError("checkpoint.every_steps and checkpoint.keep must be >= 1")
-
-
-@dataclass
-class TrainConfig:
-    """`python -m jobs.train --config FILE key=value ...`; re-running the same name resumes.
-
-    Steps are optimizer steps of `optim.accumulation_steps` micro-batches of
-    `data.batch_size` per worker. `max_steps` (0 = epochs x steps per epoch) is
-    where training stops; `schedule_steps` (0 = the same) is the length of the
-    learning-rate schedule (it sets `optim.total_steps`), e.g. to stop a run
-    early and continue it later on the same schedule.
-    """
-
-    name: str = "gram"
-    model: str = "tiny"
-    model_overrides: list[str] = field(default_factory=list)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    s3: S3Config = field(default_factory=S3Config)
-    epochs: int = 1
-    max_steps: int = 0
-    schedule_steps: int = 0
-    log_every_steps: int = 10
-    report_every_steps: int = 50
-    eval_every_steps: int = 0
-    max_failures: int = 2
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
-        for key in ("max_steps", "schedule_steps", "eval_every_steps"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0 (0 = off/automatic)")
-        for key in ("log_every_steps", "report_every_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1")
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "Progress",
+    "data_layout",
+    "download_checkpoint",
+    "load_trainer_state",
+    "persist_checkpoint",
+    "restore_checkpoint",
+    "resume_position",
+    "run_checkpoints",
+    "save_checkpoint_dir",
+]
 
 
 @dataclass
@@ -197,11 +95,10 @@ def save_checkpoint_dir(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
-    cfg: TrainConfig,
+    config: Any,
 ) -> Path:
-    """Write a complete, resumable checkpoint into `folder`."""
-    from gram.weights import save_checkpoint
-
+    """Write a complete, resumable checkpoint into `folder`; `config` is the job's config
+    dataclass (recorded in state.json with its secrets redacted)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(
         folder / "model.safetensors", model, loss, metadata={"step": str(progress.step)}
@@ -215,7 +112,7 @@ def save_checkpoint_dir(
     }
     torch.save(state, folder / "trainer.pt")
     (folder / "state.json").write_text(
-        json.dumps({"progress": to_dict(progress), "config": redact(to_dict(cfg))}, indent=2)
+        json.dumps({"progress": to_dict(progress), "config": redact(to_dict(config))}, indent=2)
     )
     return folder
 
@@ -227,6 +124,25 @@ def load_trainer_state(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder} is not a training checkpoint (no trainer.pt)")
     state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     return state
+
+
+def restore_checkpoint(
+    folder: Path,
+    model: torch.nn.Module,
+    loss: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> Progress:
+    """Load a checkpoint folder into the training state (weights, temperature, optimizer,
+    scheduler, RNGs) and return where it stood."""
+    load_weights(model, folder / "model.safetensors")
+    loss.load_state_dict(read_loss_state(folder / "model.safetensors"))
+    state = load_trainer_state(folder)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_torch"])
+    random.setstate(state["rng_python"])
+    return from_dict(Progress, state["progress"])
 
 
 CHECKPOINT_PREFIX = "checkpoint_"
@@ -288,38 +204,3 @@ def download_checkpoint(uri: str, s3: S3Config) -> Path:
         rel = f.uri[len(uri.rstrip("/")) + 1 :]
         storage.download(f.uri, local / rel, s3=s3)
     return local
-
-
-class ProgressLine:
-    """One progress line per logging step, e.g.
-
-    `step 120/400 (30%) epoch 1/2 | loss 1.23 tau 0.061 | 85 samples/s | data wait 3% | ETA 3m12s`
-    """
-
-    def __init__(self, total_steps: int, epochs: int, global_batch: int, start_step: int) -> None:
-        self.total = total_steps
-        self.epochs = epochs
-        self.global_batch = global_batch
-        self.start_step = start_step
-        self.t0 = time.perf_counter()
-        self.last_t = self.t0
-        self.last_step = start_step
-
-    def rate(self, step: int) -> float:
-        """Global samples/s since the last call."""
-        now = time.perf_counter()
-        rate = (step - self.last_step) * self.global_batch / max(now - self.last_t, 1e-9)
-        self.last_t, self.last_step = now, step
-        return rate
-
-    def line(self, step: int, epoch: int, stats: dict[str, float], rate: float, wait: float) -> str:
-        done = step - self.start_step
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(done, 1) * (self.total - step)
-        return (
-            f"step {step}/{self.total} ({100 * step / self.total:.0f}%)"
-            f" epoch {epoch + 1}/{self.epochs}"
-            f" | loss {stats.get('loss', float('nan')):.4f} tau {stats.get('temperature', 0):.4f}"
-            f" lr {stats.get('lr', 0):.2e} | {rate:.1f} samples/s | data wait {100 * wait:.0f}%"
-            f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s"
-        )

@@ -1,4 +1,26 @@
-"""The loop every Ray Train worker runs: build, restore, stream shards, step, checkpoint, report."""
+"""The training loop every Ray Train worker runs, in named steps that read top to bottom:
+
+    loop = TrainLoop(cfg, plan, s3, callbacks)
+    loop.setup()     # model, loss, optimizer, schedule; `restore` a checkpoint; DDP, data, MLflow
+    loop.train()     # optimizer steps, epoch after epoch: log, evaluate, `checkpoint` when due
+    loop.finish()    # the final evaluation and checkpoint; close the data and the tracker
+
+Each rank builds the model from a named config, wraps it for DDP, streams its share of the
+shards (`gram.shards.ShardLoader`) and steps with `GramLoss` gathering every modality's
+embeddings across ranks with gradient. Rank 0 writes checkpoints, logs to MLflow and
+prints progress; every rank reports to Ray Train every `report_every_steps` steps (each
+report can block ~2 s). `TrainCallback`s see every rank start, step and finish (the job
+adds `SampleAudit` when `data.audit_dir` is set).
+
+The job and the loop. `jobs/train.py` declares `TrainConfig` and hands this module's
+`train_loop_per_worker` to Ray Train, so the job file imports this module. This module
+never imports the job file while it is being imported: the worker receives the config as a
+plain dict (what Ray ships to every worker and what a checkpoint records) and rebuilds the
+typed `TrainConfig` only when the loop starts, importing `jobs.train` then (for the type
+checker, under TYPE_CHECKING). Neither module needs the other to be imported first, and the
+config class never has to be pickled, which matters when the job runs as
+`python -m jobs.train` and its classes live in `__main__`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +31,10 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 import torch.distributed as dist
@@ -23,25 +45,29 @@ from gram.loss import build_loss
 from gram.model import build_model
 from gram.model_config import model_config
 from gram.shards import RawSample, ShardInfo, ShardLoader
-from gram.steps import build_optimizer, cosine_schedule, evaluate, train_step
-from gram.weights import load_weights, read_loss_state
-from jobs.cluster.connection import apply_secret_env
+from gram.steps import build_optimizer, cosine_schedule, train_step
+from gram.steps import evaluate as retrieval_eval
+from jobs.cluster.secrets import WorkerCredentials
 from jobs.training.checkpoints import (
     Progress,
-    ProgressLine,
-    TrainConfig,
     data_layout,
     download_checkpoint,
-    load_trainer_state,
     persist_checkpoint,
+    restore_checkpoint,
     resume_position,
     run_checkpoints,
     save_checkpoint_dir,
 )
 from jobs.training.tracking import Tracker
 from pipelines import storage
+from pipelines.storage import S3Config
 
-log = logging.getLogger("gram.train")
+if TYPE_CHECKING:
+    from jobs.train import TrainConfig
+
+__all__ = ["RunPlan", "SampleAudit", "TrainCallback", "TrainLoop", "train_loop_per_worker"]
+
+log = logging.getLogger(__name__)
 
 _REPORTED = {"loss", "temperature", "lr", "positive_volume", "negative_volume"}
 """What goes to Ray Train with each report (everything goes to MLflow)."""
@@ -58,39 +84,365 @@ class RunPlan:
     mlflow_run_id: str
 
 
-def _open_shard(s3: Any) -> Any:
-    def open_shard(url: str) -> Any:
-        return storage.open_read(url, s3=s3)
+class TrainCallback:
+    """Sees every rank start, step and finish; override what you need (each is a no-op).
 
-    return open_shard
+    Callbacks are built on the driver and shipped to every worker (they must pickle), so
+    open files and connections in `on_start`, not in `__init__`.
+    """
 
+    def on_start(self, rank: int, step: int) -> None:
+        """Rank `rank` starts training at `step` (0, or where a checkpoint left off)."""
 
-def _run_dir(cfg: TrainConfig) -> str:
-    """`<checkpoint.storage>/<name>`, where this run's checkpoints go (local paths absolute)."""
-    root = cfg.checkpoint.storage
-    return storage.join(root if storage.is_s3(root) else os.path.abspath(root), cfg.name)
+    def on_step(self, rank: int, step: int, epoch: int, keys: list[str]) -> None:
+        """Rank `rank` made optimizer step `step` of `epoch` on the samples `keys`."""
 
-
-def _decoder(cfg: DecodeConfig, *, train: bool) -> Any:
-    def decode(raw: RawSample, rng: random.Random) -> Any:
-        try:
-            return decode_sample(raw, cfg, train=train, rng=rng)
-        except SampleError as exc:
-            log.warning("skipping a broken sample: %s", exc)
-            return None
-
-    return decode
+    def on_finish(self, rank: int) -> None:
+        """Rank `rank` is done training."""
 
 
-def _restore(folder: Path, model: Any, loss: Any, optimizer: Any, scheduler: Any) -> Progress:
-    load_weights(model, folder / "model.safetensors")
-    loss.load_state_dict(read_loss_state(folder / "model.safetensors"))
-    state = load_trainer_state(folder)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng_torch"])
-    random.setstate(state["rng_python"])
-    return from_dict(Progress, state["progress"])
+class SampleAudit(TrainCallback):
+    """Appends the keys of every step to `<folder>/rank<r>.jsonl` and every worker start to
+    `<folder>/starts.jsonl` (rank, Ray node, pid, step): enough to prove exactly-once epochs
+    across worker failures and restarts (`data.audit_dir`)."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self._out: TextIO | None = None
+
+    def on_start(self, rank: int, step: int) -> None:
+        import ray
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        start = {
+            "rank": rank,
+            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
+            "pid": os.getpid(),
+            "step": step,
+        }
+        with (self.folder / "starts.jsonl").open("a") as fh:
+            fh.write(json.dumps(start) + "\n")
+        self._out = (self.folder / f"rank{rank}.jsonl").open("a")
+
+    def on_step(self, rank: int, step: int, epoch: int, keys: list[str]) -> None:
+        if self._out is not None:
+            self._out.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
+            self._out.flush()
+
+    def on_finish(self, rank: int) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """Ray Train's entry on every rank: `payload` = {"config": TrainConfig as a dict,
+    "plan": RunPlan, "credentials": WorkerCredentials (handed over with the work, never via
+    a runtime env), "callbacks": [TrainCallback]}."""
+    from jobs.train import TrainConfig  # the job file imports this module: see the docstring
+
+    credentials: WorkerCredentials = payload["credentials"]
+    s3 = credentials.apply()
+    cfg = from_dict(TrainConfig, payload["config"])
+    TrainLoop(cfg, payload["plan"], s3, payload.get("callbacks", ())).run()
+
+
+class TrainLoop:
+    """One rank's training run; see the module docstring for the steps."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        plan: RunPlan,
+        s3: S3Config,
+        callbacks: Sequence[TrainCallback] = (),
+    ) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.cfg, self.plan, self.s3 = cfg, plan, s3
+        self.callbacks = list(callbacks)
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local = cfg.scaling.workers == 0  # local mode: no Ray Train storage, we persist
+        root = cfg.checkpoint.storage  # this run's checkpoints go to <storage>/<name>
+        self.run_dir = storage.join(
+            root if storage.is_s3(root) else os.path.abspath(root), cfg.name
+        )
+
+    def run(self) -> None:
+        self.setup()
+        self.train()
+        self.finish()
+
+    # -- setup ------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        """Threads, seeds, model, loss, optimizer and schedule; `restore`; then DDP, the data
+        loader, the tracker (rank 0) and the callbacks."""
+        import ray.train.torch as ray_torch
+
+        cfg, plan = self.cfg, self.plan
+        torch.set_num_threads(cfg.scaling.threads_per_worker)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed + self.rank)
+        self.device = ray_torch.get_device()
+        self.model_cfg = model_config(cfg.model, cfg.model_overrides)
+        self.model = build_model(self.model_cfg)
+        self.loss = build_loss(
+            cfg.loss.kind,
+            anchor=self.model_cfg.anchor,
+            temperature=cfg.loss.temperature,
+            learn_temperature=cfg.loss.learn_temperature,
+            label_smoothing=cfg.loss.label_smoothing,
+        )
+        schedule = cfg.schedule_steps or plan.total_steps
+        self.optim_cfg = replace(
+            cfg.optim, total_steps=schedule, warmup_steps=min(cfg.optim.warmup_steps, schedule)
+        )
+        self.optimizer = build_optimizer(self.model, self.loss, self.optim_cfg)
+        self.scheduler = cosine_schedule(self.optimizer, self.optim_cfg)
+        self.progress = self.restore()
+
+        self.loss.to(self.device)
+        self.ddp_model = ray_torch.prepare_model(self.model)
+        self.decode_cfg = DecodeConfig.from_model(self.model_cfg)
+        self.loader = self._loader(plan.shards, train=True)
+        self.tracker: Tracker | None = None
+        if self.rank == 0:
+            self.tracker = Tracker(
+                cfg.tracking, run_id=self.progress.mlflow_run_id or None, run_name=cfg.name
+            )
+        for callback in self.callbacks:
+            callback.on_start(self.rank, self.progress.step)
+
+    def restore(self) -> Progress:
+        """Where training stands: the run's latest checkpoint (Ray Train's after a worker was
+        replaced; in local mode the run folder's own), else `checkpoint.resume_from`, else
+        step 0. The position inside an epoch is kept only for the same data layout."""
+        import ray.train
+
+        cfg, plan = self.cfg, self.plan
+        progress = Progress(mlflow_run_id=plan.mlflow_run_id)
+        source = ""
+        checkpoint = ray.train.get_checkpoint()
+        saved = run_checkpoints(self.run_dir, self.s3) if self.local else []
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                progress = self._restore_from(Path(folder))
+            source = "the run's latest checkpoint"
+        elif saved:
+            progress = self._restore_from(download_checkpoint(saved[-1], self.s3))
+            source = "the run's latest checkpoint"
+        elif cfg.checkpoint.resume_from:
+            progress = self._restore_from(download_checkpoint(cfg.checkpoint.resume_from, self.s3))
+            source = cfg.checkpoint.resume_from
+        # The MLflow run is this run's (the driver's), also when starting from another run's.
+        progress.mlflow_run_id = plan.mlflow_run_id or progress.mlflow_run_id
+        layout = data_layout(
+            [f"{s.url} {s.count}" for s in plan.shards], self.world, cfg.data.batch_size,
+            cfg.optim.accumulation_steps, cfg.seed,
+        )  # fmt: skip
+        moved = resume_position(progress, layout)
+        if self.rank == 0 and progress.step:
+            print(
+                f"resumed at step {progress.step} (epoch {progress.epoch + 1}) from {source}",
+                flush=True,
+            )
+            if moved:
+                print(f"warning: {moved}", flush=True)
+        return progress
+
+    def _restore_from(self, folder: Path) -> Progress:
+        return restore_checkpoint(folder, self.model, self.loss, self.optimizer, self.scheduler)
+
+    def _loader(self, shards: list[ShardInfo], *, train: bool) -> ShardLoader:
+        cfg, s3, decode_cfg, tokenizer = self.cfg, self.s3, self.decode_cfg, self.model.tokenizer
+
+        def open_shard(url: str) -> Any:
+            return storage.open_read(url, s3=s3)
+
+        def decode(raw: RawSample, rng: random.Random) -> Any:
+            try:
+                return decode_sample(raw, decode_cfg, train=train, rng=rng)
+            except SampleError as exc:
+                log.warning("skipping a broken sample: %s", exc)
+                return None
+
+        return ShardLoader(
+            shards,
+            batch_size=cfg.data.batch_size,
+            rank=self.rank,
+            world_size=self.world,
+            seed=cfg.seed,
+            open_shard=open_shard,
+            decode=decode,
+            collate=lambda items: collate(items, tokenizer),
+            shuffle_buffer=cfg.data.shuffle_buffer if train else 1,
+            decode_threads=cfg.data.decode_threads,
+            prefetch_batches=cfg.data.prefetch_batches,
+        )
+
+    # -- train ------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Optimizer steps of `optim.accumulation_steps` micro-batches until the plan's total,
+        epoch after epoch from where `restore` left off; each step is logged, evaluated,
+        checkpointed and reported to Ray Train when due."""
+        cfg, plan, progress = self.cfg, self.plan, self.progress
+        accum = self.optim_cfg.accumulation_steps
+        epochs = -(-plan.total_steps // plan.steps_per_epoch)  # what max_steps leaves of epochs
+        global_batch = cfg.data.batch_size * self.world * accum
+        self.progress_line = ProgressLine(plan.total_steps, epochs, global_batch, progress.step)
+        self.stats: dict[str, float] = {}
+        self.last_saved = progress.step
+        self._wait_mark, self._time_mark = self.loader.wait_seconds, time.perf_counter()
+        while progress.step < plan.total_steps:
+            skip = progress.epoch_step * accum * cfg.data.batch_size
+            for micro in _grouped(self.loader.epoch(progress.epoch, skip=skip), accum):
+                self._step(micro)
+                if progress.step >= plan.total_steps:
+                    break
+            else:
+                progress.epoch, progress.epoch_step = progress.epoch + 1, 0
+
+    def _step(self, micro: list[Any]) -> None:
+        """One optimizer step on the micro-batches `micro`, then what is due after it."""
+        cfg, progress = self.cfg, self.progress
+        self.stats = train_step(
+            self.ddp_model,
+            self.loss,
+            self.optimizer,
+            micro,
+            scheduler=self.scheduler,
+            grad_clip=self.optim_cfg.grad_clip,
+        )
+        keys = [k for mb in micro for k in mb["keys"]]
+        progress.step, progress.epoch_step = progress.step + 1, progress.epoch_step + 1
+        progress.samples_seen += len(keys) * self.world
+        step = progress.step
+        for callback in self.callbacks:
+            callback.on_step(self.rank, step, progress.epoch, keys)
+        if step % cfg.log_every_steps == 0 or step == self.plan.total_steps:
+            self._log_progress(step)
+        if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
+            self.evaluate(step)
+        if step % cfg.checkpoint.every_steps == 0:
+            self.checkpoint(step, self.stats, save=True)
+        elif step % cfg.report_every_steps == 0:
+            self.checkpoint(step, self.stats, save=False)
+
+    def _log_progress(self, step: int) -> None:
+        """Loss, temperature, learning rate, throughput and data wait: MLflow and a line."""
+        now = time.perf_counter()
+        wait = (self.loader.wait_seconds - self._wait_mark) / max(now - self._time_mark, 1e-9)
+        self._wait_mark, self._time_mark = self.loader.wait_seconds, now
+        shown = _global_mean(self.stats, self.device)
+        rate = self.progress_line.rate(step)
+        if self.tracker is not None:
+            extra = {"samples_per_s": rate, "data_wait": wait, "rss_mb": _rss_mb()}
+            self.tracker.log_metrics({**shown, **extra}, step=step)
+            print(self.progress_line.line(step, self.progress.epoch, shown, rate, wait), flush=True)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Retrieval metrics on the eval shards (every rank embeds its share), logged by rank 0."""
+        if not self.plan.eval_shards:
+            return {}
+        limit = self.cfg.data.eval_max_batches or None
+        eval_loader = self._loader(self.plan.eval_shards, train=False)
+        with eval_loader, contextlib.closing(eval_loader.epoch(0)) as batches:
+            found = retrieval_eval(self.ddp_model, batches, max_batches=limit)
+        metrics = {f"eval_{k}": v for k, v in found.items()}
+        if self.tracker is not None:
+            self.tracker.log_metrics(metrics, step=step)
+            print(
+                f"eval at step {step}: text->(video+audio) R@1 "
+                f"{metrics.get('eval_volume_t2i_r1', 0):.1f}"
+                f" (cosine text->video {metrics.get('eval_cosine_video_t2i_r1', 0):.1f},"
+                f" text->audio {metrics.get('eval_cosine_audio_t2i_r1', 0):.1f})",
+                flush=True,
+            )
+        return metrics
+
+    def checkpoint(self, step: int, metrics: dict[str, Any], *, save: bool) -> None:
+        """Report `metrics` to Ray Train, with a checkpoint when `save` (rank 0 writes it; in
+        local mode it is persisted to the run folder here, as Ray Train does for workers)."""
+        import ray.train
+
+        progress = self.progress
+        progress.mlflow_run_id = (
+            self.tracker.run_id if self.tracker else None
+        ) or progress.mlflow_run_id
+        metrics = {k: v for k, v in metrics.items() if k in _REPORTED or k.endswith("_t2i_r1")}
+        metrics.update(step=step, epoch=progress.epoch, mlflow_run_id=progress.mlflow_run_id)
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="gram-ckpt-") as tmp:
+            ckpt = None
+            if self.rank == 0:
+                save_checkpoint_dir(
+                    Path(tmp), self.ddp_model, self.loss, self.optimizer, self.scheduler,
+                    progress, self.cfg,
+                )  # fmt: skip
+            if self.local:
+                uri = persist_checkpoint(Path(tmp), self.run_dir, self.cfg.checkpoint.keep, self.s3)
+                fs, path = storage.pyarrow_filesystem(uri, s3=self.s3)
+                ckpt = ray.train.Checkpoint(path, filesystem=fs)
+            elif self.rank == 0:
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        self.last_saved = step
+
+    # -- finish -----------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Evaluate once more and checkpoint the final step (unless that step was just saved
+        and there is no evaluation to record); close the data, the callbacks and the tracker."""
+        step = self.progress.step
+        final_eval = self.evaluate(step)
+        if self.last_saved != step or final_eval:
+            self.checkpoint(step, {**self.stats, **final_eval}, save=True)
+        self.loader.close()
+        for callback in self.callbacks:
+            callback.on_finish(self.rank)
+        if self.tracker is not None:
+            self.tracker.log_metrics({"skipped_samples": float(self.loader.skipped)}, step=step)
+            self.tracker.close()
+
+
+class ProgressLine:
+    """One progress line per logging step, e.g.
+
+    `step 120/400 (30%) epoch 1/2 | loss 1.23 tau 0.061 | 85 samples/s | data wait 3% | ETA 3m12s`
+    """
+
+    def __init__(self, total_steps: int, epochs: int, global_batch: int, start_step: int) -> None:
+        self.total = total_steps
+        self.epochs = epochs
+        self.global_batch = global_batch
+        self.start_step = start_step
+        self.t0 = time.perf_counter()
+        self.last_t = self.t0
+        self.last_step = start_step
+
+    def rate(self, step: int) -> float:
+        """Global samples/s since the last call."""
+        now = time.perf_counter()
+        rate = (step - self.last_step) * self.global_batch / max(now - self.last_t, 1e-9)
+        self.last_t, self.last_step = now, step
+        return rate
+
+    def line(self, step: int, epoch: int, stats: dict[str, float], rate: float, wait: float) -> str:
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(done, 1) * (self.total - step)
+        return (
+            f"step {step}/{self.total} ({100 * step / self.total:.0f}%)"
+            f" epoch {epoch + 1}/{self.epochs}"
+            f" | loss {stats.get('loss', float('nan')):.4f} tau {stats.get('temperature', 0):.4f}"
+            f" lr {stats.get('lr', 0):.2e} | {rate:.1f} samples/s | data wait {100 * wait:.0f}%"
+            f" | ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+        )
 
 
 def _rss_mb() -> float:
@@ -122,205 +474,3 @@ def _global_mean(values: dict[str, float], device: torch.device) -> dict[str, fl
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist(), strict=True)}
-
-
-def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    """Ray Train entry: `payload` = {"config": TrainConfig as dict, "plan": RunPlan,
-    "secret_env": the driver's credentials, handed over in-band (never via runtime env)}."""
-    import ray
-    import ray.train
-    import ray.train.torch as ray_torch
-
-    apply_secret_env(payload.get("secret_env", {}))
-    cfg = from_dict(TrainConfig, payload["config"])
-    plan: RunPlan = payload["plan"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg.scaling.threads_per_worker)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed + rank)
-    device = ray_torch.get_device()
-    s3 = cfg.s3.resolved()
-    local = cfg.scaling.workers == 0  # local mode: no Ray Train storage, the loop persists
-    run_dir = _run_dir(cfg)
-
-    mcfg = model_config(cfg.model, cfg.model_overrides)
-    model = build_model(mcfg)
-    loss = build_loss(
-        cfg.loss.kind,
-        anchor=mcfg.anchor,
-        temperature=cfg.loss.temperature,
-        learn_temperature=cfg.loss.learn_temperature,
-        label_smoothing=cfg.loss.label_smoothing,
-    )
-    schedule = cfg.schedule_steps or plan.total_steps
-    optim_cfg = replace(
-        cfg.optim, total_steps=schedule, warmup_steps=min(cfg.optim.warmup_steps, schedule)
-    )
-    optimizer = build_optimizer(model, loss, optim_cfg)
-    scheduler = cosine_schedule(optimizer, optim_cfg)
-
-    progress = Progress(mlflow_run_id=plan.mlflow_run_id)
-    source = ""
-    checkpoint = ray.train.get_checkpoint()
-    saved = run_checkpoints(run_dir, s3) if local else []
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            progress = _restore(Path(folder), model, loss, optimizer, scheduler)
-        source = "the run's latest checkpoint"
-    elif saved:
-        folder = download_checkpoint(saved[-1], s3)
-        progress = _restore(folder, model, loss, optimizer, scheduler)
-        source = "the run's latest checkpoint"
-    elif cfg.checkpoint.resume_from:
-        folder = download_checkpoint(cfg.checkpoint.resume_from, s3)
-        progress = _restore(folder, model, loss, optimizer, scheduler)
-        source = cfg.checkpoint.resume_from
-    # The MLflow run is this run's (the driver's), also when starting from another run's checkpoint.
-    progress.mlflow_run_id = plan.mlflow_run_id or progress.mlflow_run_id
-    layout = data_layout(
-        [f"{s.url} {s.count}" for s in plan.shards], world, cfg.data.batch_size,
-        cfg.optim.accumulation_steps, cfg.seed,
-    )  # fmt: skip
-    moved = resume_position(progress, layout)
-    if rank == 0 and progress.step:
-        print(
-            f"resumed at step {progress.step} (epoch {progress.epoch + 1}) from {source}",
-            flush=True,
-        )
-        if moved:
-            print(f"warning: {moved}", flush=True)
-
-    loss.to(device)
-    tokenizer = model.tokenizer
-    ddp_model = ray_torch.prepare_model(model)
-    decode_cfg = DecodeConfig.from_model(mcfg)
-
-    def make_loader(shards: list[ShardInfo], *, train: bool) -> ShardLoader:
-        return ShardLoader(
-            shards,
-            batch_size=cfg.data.batch_size,
-            rank=rank,
-            world_size=world,
-            seed=cfg.seed,
-            open_shard=_open_shard(s3),
-            decode=_decoder(decode_cfg, train=train),
-            collate=lambda items: collate(items, tokenizer),
-            shuffle_buffer=cfg.data.shuffle_buffer if train else 1,
-            decode_threads=cfg.data.decode_threads,
-            prefetch_batches=cfg.data.prefetch_batches,
-        )
-
-    loader = make_loader(plan.shards, train=True)
-    tracker = None
-    if rank == 0:
-        tracker = Tracker(cfg.tracking, run_id=progress.mlflow_run_id or None, run_name=cfg.name)
-    audit = None
-    if cfg.data.audit_dir:
-        folder = Path(cfg.data.audit_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        start = {
-            "rank": rank,
-            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else "",
-            "pid": os.getpid(),
-            "step": progress.step,
-        }
-        with (folder / "starts.jsonl").open("a") as fh:
-            fh.write(json.dumps(start) + "\n")
-        audit = (folder / f"rank{rank}.jsonl").open("a")
-
-    def run_eval(step: int) -> dict[str, float]:
-        if not plan.eval_shards:
-            return {}
-        limit = cfg.data.eval_max_batches or None
-        eval_loader = make_loader(plan.eval_shards, train=False)
-        with eval_loader, contextlib.closing(eval_loader.epoch(0)) as batches:
-            metrics = {
-                f"eval_{k}": v for k, v in evaluate(ddp_model, batches, max_batches=limit).items()
-            }
-        if tracker is not None:
-            tracker.log_metrics(metrics, step=step)
-            print(
-                f"eval at step {step}: text->(video+audio) R@1 "
-                f"{metrics.get('eval_volume_t2i_r1', 0):.1f}"
-                f" (cosine text->video {metrics.get('eval_cosine_video_t2i_r1', 0):.1f},"
-                f" text->audio {metrics.get('eval_cosine_audio_t2i_r1', 0):.1f})",
-                flush=True,
-            )
-        return metrics
-
-    def checkpoint_and_report(step: int, metrics: dict[str, Any], *, save: bool) -> None:
-        progress.mlflow_run_id = (tracker.run_id if tracker else None) or progress.mlflow_run_id
-        metrics = {k: v for k, v in metrics.items() if k in _REPORTED or k.endswith("_t2i_r1")}
-        metrics.update(step=step, epoch=progress.epoch, mlflow_run_id=progress.mlflow_run_id)
-        if not save:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory(prefix="gram-ckpt-") as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint_dir(Path(tmp), ddp_model, loss, optimizer, scheduler, progress, cfg)
-            if local:  # Ray Train persists nothing in local mode: the checkpoint goes to storage
-                uri = persist_checkpoint(Path(tmp), run_dir, cfg.checkpoint.keep, s3)
-                fs, path = storage.pyarrow_filesystem(uri, s3=s3)
-                ckpt = ray.train.Checkpoint(path, filesystem=fs)
-            elif rank == 0:
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
-
-    accum = optim_cfg.accumulation_steps
-    global_batch = cfg.data.batch_size * world * accum
-    epochs = -(-plan.total_steps // plan.steps_per_epoch)  # what max_steps leaves of cfg.epochs
-    line = ProgressLine(plan.total_steps, epochs, global_batch, progress.step)
-    step, stats, last_saved = progress.step, {}, progress.step
-    wait_mark, time_mark = loader.wait_seconds, time.perf_counter()
-    while step < plan.total_steps:
-        skip = progress.epoch_step * accum * cfg.data.batch_size
-        for micro in _grouped(loader.epoch(progress.epoch, skip=skip), accum):
-            stats = train_step(
-                ddp_model,
-                loss,
-                optimizer,
-                micro,
-                scheduler=scheduler,
-                grad_clip=optim_cfg.grad_clip,
-            )
-            keys = [k for mb in micro for k in mb["keys"]]
-            step += 1
-            progress.step, progress.epoch_step = step, progress.epoch_step + 1
-            progress.samples_seen += len(keys) * world
-            if audit is not None:
-                audit.write(
-                    json.dumps({"step": step, "epoch": progress.epoch, "keys": keys}) + "\n"
-                )
-                audit.flush()
-            if step % cfg.log_every_steps == 0 or step == plan.total_steps:
-                now = time.perf_counter()
-                wait = (loader.wait_seconds - wait_mark) / max(now - time_mark, 1e-9)
-                wait_mark, time_mark = loader.wait_seconds, now
-                shown = _global_mean(stats, device)
-                rate = line.rate(step)
-                if tracker is not None:
-                    extra = {"samples_per_s": rate, "data_wait": wait, "rss_mb": _rss_mb()}
-                    tracker.log_metrics({**shown, **extra}, step=step)
-                    print(line.line(step, progress.epoch, shown, rate, wait), flush=True)
-            if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
-                run_eval(step)
-            if step % cfg.checkpoint.every_steps == 0:
-                checkpoint_and_report(step, stats, save=True)
-                last_saved = step
-            elif step % cfg.report_every_steps == 0:
-                checkpoint_and_report(step, stats, save=False)
-            if step >= plan.total_steps:
-                break
-        else:
-            progress.epoch, progress.epoch_step = progress.epoch + 1, 0
-    final_eval = run_eval(step)
-    if last_saved != step or final_eval:
-        checkpoint_and_report(step, {**stats, **final_eval}, save=True)
-    loader.close()
-    if audit is not None:
-        audit.close()
-    if tracker is not None:
-        tracker.log_metrics({"skipped_samples": float(loader.skipped)}, step=step)
-        tracker.close()

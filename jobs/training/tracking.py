@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from jobs.cluster.secrets import redact
 
-__all__ = ["Tracker", "TrackingConfig", "default_tracking_uri", "flatten"]
+__all__ = ["Tracker", "TrackingConfig", "artifact_location", "default_tracking_uri", "flatten"]
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class Tracker:
         if experiment is None:
             exp_id = client.create_experiment(
                 self.cfg.experiment,
-                artifact_location=_artifact_location(self.uri, self.cfg.experiment),
+                artifact_location=artifact_location(self.uri, self.cfg.experiment),
             )
         else:
             exp_id = experiment.experiment_id
@@ -375,7 +375,7 @@ def _quiet_retries(uri: str) -> None:
         pool.addFilter(_DropRetryNoise(netloc))
 
 
-def _artifact_location(uri: str, experiment: str) -> str | None:
+def artifact_location(uri: str, experiment: str) -> str | None:
     """For a local sqlite store, keep artifacts beside the database (not in the cwd)."""
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))

@@ -30,7 +30,8 @@ from packaging.requirements import Requirement
 
 from gram.config import from_dict, read_config_file
 from jobs.cluster.secrets import is_secret_name
-from jobs.cluster.submission import DEFAULT_EXCLUDES, SubmitConfig
+from jobs.cluster.submission import DEFAULT_EXCLUDES
+from jobs.submit import SubmitConfig
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

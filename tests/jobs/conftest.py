@@ -18,7 +18,8 @@ from gram.loss import GramLoss
 from gram.model import gram_tiny
 from gram.steps import OptimConfig, build_optimizer, cosine_schedule, train_step
 from gram.synthetic import SyntheticClips
-from jobs.training.checkpoints import Progress, TrainConfig, save_checkpoint_dir
+from jobs.train import TrainConfig
+from jobs.training.checkpoints import Progress, save_checkpoint_dir
 from pipelines.sample_shards import write_sample_shards
 
 EVAL_CLIPS = 36

@@ -23,7 +23,7 @@ from pipelines.sample_shards import write_sample_shards
 from pipelines.storage import S3Config
 from tests.jobs.conftest import EVAL_CLIPS, SYNTHETIC_CLASSES, checkpoint_of_run, training_run
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 PNG = b"\x89PNG\r\n\x1a\n"
 
 CLASSIFY = ClassificationConfig(

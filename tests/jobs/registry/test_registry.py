@@ -39,7 +39,7 @@ from tests.support.services import MlflowServer, free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = Path(sys.executable).parent
 TEXTS = ["a red square and a whistle", "a blue square and a hum"]
 

@@ -13,18 +13,18 @@ import torch
 from gram.loss import GramLoss
 from gram.model import gram_tiny
 from gram.steps import OptimConfig, build_optimizer, cosine_schedule
+from jobs.train import TrainConfig
 from jobs.training.checkpoints import (
     Progress,
-    ProgressLine,
-    TrainConfig,
     data_layout,
     load_trainer_state,
     persist_checkpoint,
+    restore_checkpoint,
     resume_position,
     run_checkpoints,
     save_checkpoint_dir,
 )
-from jobs.training.loop import _restore
+from jobs.training.loop import ProgressLine
 from pipelines import storage
 from pipelines.storage import S3Config
 
@@ -52,7 +52,9 @@ def test_checkpoint_folder_round_trip_restores_everything(tmp_path):
     fresh_model, fresh_loss, fresh_opt, fresh_sched = _parts()
     with torch.no_grad():
         next(fresh_model.parameters()).add_(1.0)
-    restored = _restore(tmp_path / "ckpt", fresh_model, fresh_loss, fresh_opt, fresh_sched)
+    restored = restore_checkpoint(
+        tmp_path / "ckpt", fresh_model, fresh_loss, fresh_opt, fresh_sched
+    )
     assert restored == progress
     assert random.random() == expected_draw  # the RNG continues where it was saved
     for a, b in zip(model.state_dict().values(), fresh_model.state_dict().values(), strict=True):

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from gram.synthetic import SyntheticClips
 from pipelines.sample_shards import write_sample_shards
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "jobs" / "configs" / "train.yaml"
 
 pytestmark = pytest.mark.slow
