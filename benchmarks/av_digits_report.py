@@ -1,7 +1,7 @@
 """Aggregate AV-digits results over seeds; write the Markdown table and the PNG plots.
 
 rows = aggregate(results)                  # one row per (split, method): mean, std, values
-markdown = table(rows, header)             # the tables of docs/results/av_digits.md
+markdown = table(rows, header)             # the tables of docs/results/av_digits/av_digits.md
 plot_accuracy(rows, "accuracy.png")        # zero-shot top-1 per method and scoring rule
 plot_volumes(volumes, "volumes.png")       # positive vs negative class volumes
 """

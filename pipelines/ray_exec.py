@@ -6,7 +6,7 @@ Inputs become a dataset of JSON rows split into blocks of
 `execution.clips_per_task` clips; Ray is joined (or started) only when there
 is work, i.e. after the inputs were read and checked. One `map` runs the whole stage chain per
 row in Ray tasks declaring the chain's CPUs (tasks, not an actor pool, so
-nothing holds a CPU while idle and nothing starves: see FIELD-NOTES). The
+nothing holds a CPU while idle and nothing starves). The
 driver consumes results as they stream out and writes shards; Ray Data's
 backpressure bounds what is in flight, so memory stays flat with input size.
 """

@@ -4,10 +4,9 @@ Catches before anyone runs `docker build`, `kubectl apply`, `docker compose up` 
 missing schema keys, references to entrypoints and configs that do not exist, more than one
 Ray version, plaintext secrets, and dashboard/storage ports published beyond localhost.
 
-Referenced paths that other parts of the project build (jobs/train.py, jobs/configs/*.yaml,
-...) are listed in PLANNED: while missing they are reported as skips naming them; once present
-they are checked like everything else (the file exists, the job's --help lists every option
-and key=value override the manifests pass). Any other missing reference fails.
+Every path the infra files reference (jobs/train.py, jobs/configs/*.yaml, ...) must exist,
+and every job a manifest runs must list, in its --help, every option and key=value override
+the manifest passes.
 """
 
 from __future__ import annotations
@@ -37,22 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"
 IMAGE_PROJECT_DIR = "/home/ray/gram-ray"
 LOCAL_ONLY = ("compose/.env", "compose/secrets/")  # created by init-env.sh, git-ignored
-
-# Paths the project promises (DESIGN.md, issue #7) and other parts build. Infra files may
-# reference them before they are merged.
-PLANNED = frozenset(
-    {
-        "pipelines",
-        "jobs/preprocess.py",
-        "jobs/train.py",
-        "jobs/evaluate.py",
-        "jobs/register.py",
-        "jobs/promote.py",
-        "jobs/configs/preprocess.yaml",
-        "jobs/configs/train.yaml",
-        "jobs/configs/evaluate.yaml",
-    }
-)
 
 GRAM_IMAGE = re.compile(
     r"^(?:[\w.-]+(?::\d+)?/)*gram-ray:(?P<project>\d+\.\d+\.\d+)-ray(?P<ray>\d+\.\d+\.\d+)"
@@ -571,14 +554,11 @@ def test_rayjobs_clean_up_after_themselves():
 
 
 def check_reference(path: str, where: str) -> None:
-    """`path` (repo-relative, or under the image's project dir) exists, or is PLANNED."""
+    """`path` (repo-relative, or under the image's project dir) exists."""
     relpath = path.removeprefix(IMAGE_PROJECT_DIR + "/").removeprefix("./").rstrip("/")
     assert not relpath.startswith("/"), f"{where}: {path} is outside the project"
-    if (REPO / relpath).exists():
-        return
-    assert relpath in PLANNED, (
-        f"{where} references {relpath}, which does not exist in the repository "
-        "(and is not a path the project plans); fix the reference"
+    assert (REPO / relpath).exists(), (
+        f"{where} references {relpath}, which does not exist in the repository; fix the reference"
     )
 
 
@@ -623,9 +603,6 @@ def test_entrypoints_name_existing_jobs_configs_and_options(where: str, words: l
         needed.append(config.removeprefix(IMAGE_PROJECT_DIR + "/"))
     for path in needed:
         check_reference(path, where)
-    absent = [path for path in needed if not (REPO / path).exists()]
-    if absent:
-        pytest.skip(f"{where}: {absent} not in this tree yet (PLANNED; checked once merged)")
     if "--config" in words:
         read_config_file(REPO / needed[1])
     help_text = job_help(module)
@@ -638,7 +615,7 @@ def test_entrypoints_name_existing_jobs_configs_and_options(where: str, words: l
         )
 
 
-def test_planned_references_still_missing():
+def test_every_path_the_infra_files_reference_exists():
     referenced = set()
     for _, words in entrypoints():
         referenced.add(words[2].replace(".", "/") + ".py")
@@ -648,9 +625,7 @@ def test_planned_references_still_missing():
         if instruction == "COPY":
             referenced |= {w for w in shlex.split(value)[:-1] if not w.startswith("--")}
     missing = sorted(p for p in referenced if not (REPO / p).exists())
-    assert set(missing) <= PLANNED
-    if missing:
-        pytest.skip(f"referenced by infra/, built by other parts, not merged yet: {missing}")
+    assert not missing, f"infra/ references paths that do not exist: {missing}"
 
 
 # --- cluster launcher ---------------------------------------------------------------------
