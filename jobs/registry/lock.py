@@ -6,10 +6,11 @@ leave a muddled audit trail. They serialise on this lock instead:
 
 - The lock is a registered model named `<model>.promotion-lock`. Creating a
   registered model is atomic in every MLflow store (the name is the table's
-  unique key: the second creator gets RESOURCE_ALREADY_EXISTS), so exactly one
-  contender creates it. Its tags say who holds it (`gram.lock.owner`, a random
-  token; `gram.lock.holder`, host and pid) and until when (`gram.lock.expires`,
-  Unix seconds).
+  unique key: the second creator gets RESOURCE_ALREADY_EXISTS, or
+  RESOURCE_DOES_NOT_EXIST when the holder deleted it while the server looked it up),
+  so exactly one contender creates it; the others wait and try again. Its
+  tags say who holds it (`gram.lock.owner`, a random token; `gram.lock.holder`,
+  host and pid) and until when (`gram.lock.expires`, Unix seconds).
 - Release deletes it, after checking that the owner tag is still ours.
 - A holder that crashed leaves the lock behind; once its lease has expired
   (plus a grace period) a contender breaks it by *renaming* it to
@@ -147,7 +148,11 @@ class RegistryLock:
                 ),
             )
         except MlflowException as exc:
-            if _code(exc) != "RESOURCE_ALREADY_EXISTS":
+            # Someone holds it. The server answers RESOURCE_DOES_NOT_EXIST when the holder
+            # deleted it between our failed insert and the server's look-up of the holder:
+            # a race lost, like RESOURCE_ALREADY_EXISTS (measured on a sqlite store: about
+            # 2% of the attempts of two processes taking and releasing the lock in a loop).
+            if _code(exc) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
             # An HTTP retry of our own successful create also lands here: check the owner.
             current = self._read()
@@ -240,9 +245,15 @@ class RegistryLock:
         if self.expires - time.time() < self.config.margin_seconds:
             log.warning("lease on %s ran out before release; leaving it to expire", self.name)
             return
+        from mlflow.exceptions import MlflowException
+
         current = self._read()
         if current is not None and current.tags.get(OWNER_TAG) == self.token:
-            self.client.delete_registered_model(self.name)
+            try:
+                self.client.delete_registered_model(self.name)
+            except MlflowException as exc:  # an HTTP retry of a delete that went through
+                if _code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                    raise
         self.expires = 0.0
 
     def __enter__(self) -> RegistryLock:
