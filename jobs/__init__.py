@@ -1,1 +1,3 @@
-"""Thin entry points, one readable file per job."""
+"""The jobs: one readable file per job (`jobs/<name>.py`, listed in `jobs/catalog.py`), each
+declaring its config, and the domain packages they share: `training/`, `evaluation/`,
+`registry/`, `cluster/`, and `common/` (what every job uses)."""
