@@ -170,6 +170,7 @@ class TrainLoop:
         )
 
     def run(self) -> None:
+        """The whole run on this rank: setup (restoring a checkpoint), train, finish."""
         self.setup()
         self.train()
         self.finish()
