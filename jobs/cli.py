@@ -24,12 +24,19 @@ from jobs.catalog import JOBS
 
 __all__ = ["COMMANDS", "main"]
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    **{job.name: (job.module, job.summary) for job in JOBS},
-    "rollback": ("jobs.promote", "give 'champion' back to the previous version"),
-}
-"""Command -> (module, summary): every job of `jobs.catalog`, and `rollback`, which is
-`gram promote --rollback`."""
+
+def _commands() -> dict[str, tuple[str, str]]:
+    """Command -> (module, summary): every job of `jobs.catalog`, and after `promote`,
+    `rollback`, which is `gram promote --rollback`."""
+    out: dict[str, tuple[str, str]] = {}
+    for job in JOBS:
+        out[job.name] = (job.module, job.summary)
+        if job.name == "promote":
+            out["rollback"] = ("jobs.promote", "give 'champion' back to the previous version")
+    return out
+
+
+COMMANDS = _commands()
 BENCHMARKS = {
     "av-digits": "av_digits.py",
     "volume": "bench_volume.py",
