@@ -34,7 +34,7 @@ from gram.model_config import model_config  # noqa: E402
 from gram.shards import ShardInfo, ShardLoader  # noqa: E402
 from gram.synthetic import SyntheticClips  # noqa: E402
 from gram.train import OptimConfig, build_optimizer, cosine_schedule, train_step  # noqa: E402
-from pipelines.sample_shards import write_sample_shards  # noqa: E402
+from pipelines.samples_to_shards import write_sample_shards  # noqa: E402
 from pipelines.writer import read_index  # noqa: E402
 
 

@@ -24,7 +24,7 @@ from jobs.common.cli import add_config_arguments, config_help
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import ManifestError
 from pipelines.preprocess import FailureRateError, Summary, preprocess
-from pipelines.ray_exec import ray_executor
+from pipelines.ray_adapter import ray_executor
 from pipelines.writer import OutputConflictError
 
 __all__ = ["PreprocessConfig", "main", "run"]

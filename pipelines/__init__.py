@@ -3,8 +3,8 @@
 See docs/preprocessing.md.
 
 Media operations (`media`), input reading (`inputs`), shard writing
-(`shards`, `writer`) and storage (`storage`) are plain Python; Ray lives in
-`ray_exec` only.
+(`tar_format`, `writer`) and storage (`storage`) are plain Python; Ray lives in
+`ray_adapter` only.
 """
 
 PIPELINE_VERSION = "1"

@@ -1,6 +1,6 @@
 """The preprocessing run: read inputs, skip finished shards, process the rest, write the index.
 
-    summary = preprocess(config, executor=ray_executor(config))   # pipelines.ray_exec
+    summary = preprocess(config, executor=ray_executor(config))   # pipelines.ray_adapter
 
 `executor` turns a list of inputs into a stream of `ClipResult`s in any
 order (Ray Data in production, `serial_executor` in-process). Everything

@@ -18,8 +18,14 @@ from typing import Any
 
 from gram.schema import SCHEMA_VERSION
 from pipelines import storage
-from pipelines.shards import END_OF_ARCHIVE, archive_padding, json_bytes, sample_bytes, shard_name
 from pipelines.storage import S3Config
+from pipelines.tar_format import (
+    END_OF_ARCHIVE,
+    archive_padding,
+    json_bytes,
+    sample_bytes,
+    shard_name,
+)
 from pipelines.writer import INDEX_FILE
 
 __all__ = ["write_sample_shards"]

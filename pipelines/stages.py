@@ -6,7 +6,7 @@
 A `ClipTask` flows through Fetch -> Probe -> Decode -> Pack. A stage
 that fails raises `MediaError`/`StorageError`; `process_item` records the
 reason on the result (a failed manifest row) and skips the rest, so one
-corrupt clip never stops a run. No stage imports Ray: `ray_exec` runs the
+corrupt clip never stops a run. No stage imports Ray: `ray_adapter` runs the
 chain inside Ray Data tasks, and the benchmark runs it in a process pool.
 The stages share the clip's local temp file, so they run together in one
 task, which declares the largest of their CPU needs.
@@ -27,8 +27,8 @@ from pipelines import PIPELINE_VERSION, media, storage
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import InputItem
 from pipelines.media import MediaError, ProbeInfo
-from pipelines.shards import json_bytes, sample_bytes
 from pipelines.storage import S3Config, StorageError, StorageNotFoundError
+from pipelines.tar_format import json_bytes, sample_bytes
 
 __all__ = [
     "ClipResult",

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from pipelines import storage
-from pipelines.shards import END_OF_ARCHIVE, archive_padding, json_bytes, shard_name
 from pipelines.stages import ClipResult
 from pipelines.storage import S3Config
+from pipelines.tar_format import END_OF_ARCHIVE, archive_padding, json_bytes, shard_name
 
 __all__ = [
     "MANIFEST_SCHEMA_FIELDS",

@@ -100,7 +100,7 @@ def read_eval_set(uri: str, s3: S3Config) -> EvalSet:
     except storage.StorageNotFoundError:
         raise ConfigError(
             f"{uri!r} has no index.json: point eval.shards at a finished `python -m "
-            "jobs.preprocess` output (or one written by pipelines.sample_shards)"
+            "jobs.preprocess` output (or one written by pipelines.samples_to_shards)"
         ) from None
     entries = [
         {"name": s["name"], "samples": int(s["samples"]), "sha256": s.get("sha256", "")}

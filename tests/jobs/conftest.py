@@ -19,7 +19,7 @@ from gram.model import gram_tiny
 from gram.synthetic import SyntheticClips
 from gram.train import OptimConfig, build_optimizer, cosine_schedule, train_step
 from jobs.common.training import Progress, TrainConfig, save_checkpoint_dir
-from pipelines.sample_shards import write_sample_shards
+from pipelines.samples_to_shards import write_sample_shards
 
 EVAL_CLIPS = 36
 SYNTHETIC_CLASSES = [

@@ -17,8 +17,8 @@ from jobs.preprocess import main
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import InputItem
 from pipelines.preprocess import preprocess, serial_executor
-from pipelines.shards import END_OF_ARCHIVE, sample_bytes
 from pipelines.stages import build_stages, process_item
+from pipelines.tar_format import END_OF_ARCHIVE, sample_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
