@@ -1,130 +1,212 @@
-"""The only Ray code of the pipeline: run the per-clip stages as a Ray Data streaming map.
+"""The one thin Ray adapter: join or start Ray, and run shard jobs as Ray tasks.
 
-    summary = preprocess(config, executor=ray_executor(config))
+    connect_ray(address="", num_cpus=0)                # the project's one way to reach Ray
+    summary = preprocess(config, ray_executor(config))  # shards as Ray tasks
 
-Inputs become a dataset of JSON rows split into blocks of
-`execution.clips_per_task` clips; Ray is joined (or started) only when there
-is work, i.e. after the inputs were read and checked. One `map` runs the whole stage chain per
-row in Ray tasks declaring the chain's CPUs (tasks, not an actor pool, so
-nothing holds a CPU while idle and nothing starves: see FIELD-NOTES). The
-driver consumes results as they stream out and writes shards; Ray Data's
-backpressure bounds what is in flight, so memory stays flat with input size.
+Each shard is one Ray task (`shard_task.run_shard`): the driver stages the
+shard's checked inputs in the output storage, the task reads them, decodes
+every clip, writes the shard, its manifest part and its commit file itself,
+and returns a few numbers. The driver keeps at most
+`execution.max_tasks_in_flight` tasks submitted; nothing per input passes
+through it. When fewer shards are left than task slots (a small run), each
+shard task spreads its clips over sub-tasks of `execution.clips_per_task`
+clips and writes their results in order, so every CPU works; a task blocked
+waiting for its sub-tasks gives its CPU back to Ray meanwhile.
+
+Nothing else in the project imports Ray for preprocessing; Ray itself is
+imported only when a run needs it (it reads its auth settings, such as
+RAY_AUTH_MODE, from the environment when first imported).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import functools
+import itertools
 import json
 import logging
-import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from gram.config import ConfigError
+from pipelines import storage
 from pipelines.config import ExecutionConfig, PreprocessConfig
 from pipelines.inputs import InputItem
-from pipelines.preprocess import Executor
-from pipelines.stages import ClipResult, Stage, build_stages, process_item
+from pipelines.shard_task import (
+    Executor,
+    ShardContext,
+    ShardJob,
+    process_clips,
+    run_shard,
+    shard_context,
+)
+from pipelines.stages import ClipResult
+from pipelines.writer import ShardState, staging_uri
 
-__all__ = ["ray_connection", "ray_executor"]
+__all__ = ["connect_ray", "job_runtime_env_vars", "ray_connection", "ray_executor"]
 
 log = logging.getLogger("pipelines.ray")
 
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by `ray job submit` for the driver: the job's config, its runtime env included."""
 
-@contextlib.contextmanager
-def ray_connection(execution: ExecutionConfig) -> Iterator[None]:
-    """Join `execution.ray_address`, else $RAY_ADDRESS, else start a local Ray (stopped after).
 
-    Ray is imported here, not at module import: it reads its auth settings
-    (RAY_AUTH_MODE, token path) from the environment when first imported.
+def job_runtime_env_vars() -> set[str]:
+    """The environment variables that the job's own runtime env sets (empty outside a
+    submitted job)."""
+    raw = os.environ.get(JOB_CONFIG_ENV)
+    if not raw:
+        return set()
+    try:
+        runtime_env = json.loads(raw).get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return set()
+    return set((runtime_env.get("env_vars") or {}).keys())
+
+
+def connect_ray(
+    address: str = "",
+    *,
+    num_cpus: int = 0,
+    env_vars: Mapping[str, str] | None = None,
+    log_to_driver: bool = False,
+) -> bool:
+    """Join `address`, else $RAY_ADDRESS, else start a light local Ray (no dashboard,
+    `num_cpus` CPUs, 0 = all). Returns True when this call connected (the caller then
+    calls `ray.shutdown()` when done), False when this process was already connected.
+
+    `env_vars` go into the job's runtime env for every worker, except the keys the job's
+    own runtime env already sets: a driver started by `ray job submit` runs inside that
+    env already, and Ray refuses a `ray.init` that repeats one of its keys ("Failed to
+    merge the Job's runtime env"). Never put credentials in `env_vars`: Ray's runtime-env
+    agent writes them to its logs.
     """
     import ray
 
     if ray.is_initialized():
-        yield
-        return
-    address = execution.ray_address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-    if address is None and execution.local_num_cpus:
-        kwargs["num_cpus"] = execution.local_num_cpus
-    ray.init(address=address, **kwargs)
+        return False
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver, "configure_logging": False}
+    inherited = job_runtime_env_vars()
+    env = {k: v for k, v in (env_vars or {}).items() if k not in inherited}
+    if env:
+        kwargs["runtime_env"] = {"env_vars": env}
+    if target is None:
+        kwargs["include_dashboard"] = False
+        if num_cpus:
+            kwargs["num_cpus"] = num_cpus
+    ray.init(address=target, **kwargs)
+    log.info("Ray %s at %s", "joined" if target else "started", target or "this machine")
+    return True
+
+
+@contextlib.contextmanager
+def ray_connection(execution: ExecutionConfig) -> Iterator[None]:
+    """`connect_ray` with the job's settings; disconnects on leaving if it connected
+    (a local Ray started here stops with it)."""
+    connected = connect_ray(execution.ray_address, num_cpus=execution.local_num_cpus)
     try:
         yield
     finally:
-        ray.shutdown()
+        if connected:
+            import ray
+
+            ray.shutdown()
 
 
-def _process_row(row: dict[str, Any], *, stages: list[Stage], timeout_s: float) -> dict[str, Any]:
-    item = InputItem.from_json(json.loads(row["item"]))
-    result = process_item(stages, item, timeout_s=timeout_s)
-    return {"index": result.index, "sample": result.sample, "row": json.dumps(result.row)}
-
-
-def _check_cpus(cpus_per_task: float) -> None:
+def _check_cpus(cpus_per_task: float) -> float:
+    """The cluster's CPUs; ConfigError when no node can run a task of `cpus_per_task`."""
     import ray
 
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
-    largest = max(
-        (n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("Alive")), default=0.0
-    )
-    if largest < cpus_per_task:
+    alive = [n.get("Resources", {}).get("CPU", 0.0) for n in nodes if n.get("Alive")]
+    if max(alive, default=0.0) < cpus_per_task:
         raise ConfigError(
             f"execution.cpus_per_task: tasks need {cpus_per_task} CPUs, but the largest Ray node "
-            f"has {largest}; lower it so tasks can be scheduled"
+            f"has {max(alive, default=0.0)}; lower it so tasks can be scheduled"
         )
+    return float(sum(alive))
 
 
-def _dataset(rows: list[dict[str, str]], blocks: int, fn: Any, cpus: float) -> Any:
-    """The streaming map over `rows`, with our execution settings captured in its own
-    DataContext copy (the process-wide one is left as it was)."""
+def _clips_task(items: list[InputItem], context: ShardContext) -> list[ClipResult]:
+    return list(process_clips(context, items))
+
+
+def _spread_clips(
+    items: list[InputItem], context_ref: Any, clips_per_task: int, window: int, cpus: float
+) -> Iterator[ClipResult]:
+    """The clips as sub-tasks, at most `window` at a time, results in input order."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    saved = (
-        ctx.enable_progress_bars,
-        ctx.execution_options.preserve_order,
-        ctx.op_resource_reservation_enabled,
+    remote = ray.remote(_clips_task).options(num_cpus=cpus)
+    chunks = (items[i : i + clips_per_task] for i in range(0, len(items), clips_per_task))
+    refs = collections.deque(
+        remote.remote(c, context_ref) for c in itertools.islice(chunks, window)
     )
-    ctx.enable_progress_bars = False
-    ctx.execution_options.preserve_order = False
-    # Measured on Ray 2.60, 2 CPUs: with per-operator resource reservation on, this single
-    # map ran one task at a time (mean concurrency 0.96, vs 1.90 without). Reservation
-    # protects operators from each other; there is only one here.
-    ctx.op_resource_reservation_enabled = False
-    try:  # a dataset copies the current DataContext when it is created
-        return ray.data.from_items(rows, override_num_blocks=blocks).map(fn, num_cpus=cpus)
-    finally:
-        (
-            ctx.enable_progress_bars,
-            ctx.execution_options.preserve_order,
-            ctx.op_resource_reservation_enabled,
-        ) = saved
+    while refs:
+        results: list[ClipResult] = ray.get(refs.popleft())
+        refs.extend(remote.remote(c, context_ref) for c in itertools.islice(chunks, 1))
+        yield from results
+
+
+def _shard_task(job: ShardJob, boxed_context: list[Any], spread: tuple[int, int, float]) -> Any:
+    """A Ray task: one shard. `boxed_context` holds the context's ObjectRef (boxed so Ray
+    hands the reference, not the value, for the sub-tasks)."""
+    import ray
+
+    context: ShardContext = ray.get(boxed_context[0])
+    clips_per_task, window, cpus = spread
+    if window > 1 and job.inputs > clips_per_task:
+        return run_shard(
+            job,
+            context,
+            lambda items: _spread_clips(items, boxed_context[0], clips_per_task, window, cpus),
+        )
+    return run_shard(job, context)
+
+
+def _stage(job: ShardJob, context: ShardContext) -> ShardJob:
+    """Put the job's inputs in the output's staging area, where any node can read them."""
+    uri = staging_uri(context.output, context.prefix, job.index)
+    storage.put_bytes(uri, job.lines, s3=context.s3)
+    return ShardJob(index=job.index, inputs=job.inputs, staged=uri)
 
 
 def ray_executor(config: PreprocessConfig) -> Executor:
-    """An executor that runs the stage chain on the connected Ray cluster."""
-    stages = build_stages(config)
-    cpus = config.execution.cpus_per_task or max(stage.resources.cpus for stage in stages)
-    fn = functools.partial(_process_row, stages=stages, timeout_s=config.execution.clip_timeout_s)
+    """An executor that runs each shard as a task on the connected (or started) Ray."""
+    context = shard_context(config)
+    execution = config.execution
+    cpus = execution.cpus_per_task or max(stage.resources.cpus for stage in context.stages)
 
-    def run(items: list[InputItem]) -> Iterator[ClipResult]:
-        if not items:  # nothing to do: no Ray needed
-            return
-        with ray_connection(config.execution):
-            _check_cpus(cpus)
-            # One dataset per chunk: Ray Data's driver keeps per-task state (~50 KB/task,
-            # measured on 2.60) until a dataset ends; chunks keep the driver's memory bounded.
-            step = config.execution.clips_per_dataset
-            for start in range(0, len(items), step):
-                chunk = items[start : start + step]
-                blocks = math.ceil(len(chunk) / config.execution.clips_per_task)
-                rows = [{"item": json.dumps(item.to_json())} for item in chunk]
-                for out in _dataset(rows, blocks, fn, cpus).iter_rows():
-                    yield ClipResult(
-                        int(out["index"]), bytes(out["sample"]), json.loads(out["row"])
-                    )
+    def run(jobs: Iterator[ShardJob], total: int) -> Iterator[ShardState]:
+        import ray
 
-    log.debug("stage chain %s, %.2f CPUs per task", [s.name for s in stages], cpus)
+        with ray_connection(execution):
+            cluster_cpus = _check_cpus(cpus)
+            slots = max(1, int(cluster_cpus // cpus))
+            window = execution.max_tasks_in_flight or 2 * slots
+            # Fewer shards than slots: each shard task spreads its clips over the free slots.
+            spread = (execution.clips_per_task, slots if total < slots else 1, cpus)
+            log.info(
+                "%d shard tasks on %.0f CPUs, %.2f CPUs each, up to %d at a time%s",
+                total,
+                cluster_cpus,
+                cpus,
+                window,
+                f", clips spread over sub-tasks of {spread[0]}" if spread[1] > 1 else "",
+            )
+            boxed = [ray.put(context)]
+            task = ray.remote(_shard_task).options(num_cpus=cpus)
+            staged = storage.map_io(lambda job: _stage(job, context), jobs, ahead=window)
+            pending: list[Any] = []
+            for job in staged:
+                pending.append(task.remote(job, boxed, spread))
+                if len(pending) >= window:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    yield ray.get(ready[0])
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                yield ray.get(ready[0])
+
     return run

@@ -58,7 +58,6 @@ def _config(inputs: Path, out: Path) -> PreprocessConfig:
     cfg = PreprocessConfig(input=str(inputs), output=str(out))
     cfg.shards.samples_per_shard = 2
     cfg.execution.clips_per_task = 1
-    cfg.execution.clips_per_dataset = 5  # several datasets; the killed runs use one
     return cfg
 
 
