@@ -148,7 +148,23 @@ def _resolve(base: str, ref: str) -> str:
     if storage.is_s3(base):
         bucket, key = storage.split_s3(base)
         return f"s3://{bucket}/{posixpath.normpath(posixpath.join(key, ref))}"
-    return str(PurePosixPath(base) / ref) if base else ref
+    if not base:
+        return ref
+    if _plain(base) and _plain(ref):  # what PurePosixPath would give, without its parsing
+        return f"{base}/{ref}"
+    return str(PurePosixPath(base) / ref)
+
+
+def _plain(path: str) -> bool:
+    """True when PurePosixPath leaves `path` as it is (no `.` parts, no repeated or
+    trailing slashes)."""
+    return (
+        path != "."
+        and not path.startswith("./")
+        and not path.endswith(("/", "/."))
+        and "//" not in path
+        and "/./" not in path
+    )
 
 
 def _pick(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
@@ -350,6 +366,8 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
 
 
 def _is_utf8(text: str) -> bool:
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

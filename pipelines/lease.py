@@ -143,7 +143,7 @@ def _process_identity(pid: int) -> str:
     """`boot:pidns:pid:start` on Linux (start = the process's start time in clock ticks)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        namespace = os.readlink(f"/proc/{pid}/ns/pid")
+        namespace = os.readlink(f"/proc/{pid}/ns/pid").strip("pid:[]")  # "pid:[4026531836]"
     except OSError:
         return ""
     start = stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), after "pid (comm)"

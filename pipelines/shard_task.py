@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import functools
 import json
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipelines import storage
 from pipelines.config import PreprocessConfig
@@ -86,9 +88,11 @@ def shard_context(config: PreprocessConfig) -> ShardContext:
 
 
 def process_clips(context: ShardContext, items: list[InputItem]) -> Iterator[ClipResult]:
-    """The stage chain over `items`, one after another in this process."""
-    for item in items:
-        yield process_item(context.stages, item, timeout_s=context.timeout_s)
+    """The stage chain over `items`, one after another in this process (one temp folder
+    for all of them, emptied after each clip)."""
+    with tempfile.TemporaryDirectory(prefix="gram-clips-", dir=context.spool_dir or None) as tmp:
+        for item in items:
+            yield process_item(context.stages, item, timeout_s=context.timeout_s, workdir=Path(tmp))
 
 
 def _items(job: ShardJob, context: ShardContext) -> list[InputItem]:

@@ -14,6 +14,7 @@ task, which declares the largest of their CPU needs.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -299,13 +300,23 @@ def _ok_row(task: ClipTask) -> dict[str, Any]:
 
 
 def process_item(
-    stages: list[Stage], item: InputItem, *, timeout_s: float, tmp_root: str | None = None
+    stages: list[Stage],
+    item: InputItem,
+    *,
+    timeout_s: float,
+    tmp_root: str | None = None,
+    workdir: Path | None = None,
 ) -> ClipResult:
-    """Run the chain on one input; every failure becomes a failed row, never an exception."""
+    """Run the chain on one input; every failure becomes a failed row, never an exception.
+
+    The clip's files go to a new temp folder (under `tmp_root`), removed after it; or to
+    `workdir`, an empty folder the caller reuses clip after clip, emptied after each one
+    (making and removing a folder per clip costs ~2 ms on some disks).
+    """
     if item.reason is not None:
         return ClipResult(item.index, b"", failed_row(item, item.reason, item.error or item.reason))
-    workdir = Path(tempfile.mkdtemp(prefix="gram-clip-", dir=tmp_root))
-    task = ClipTask(item=item, workdir=workdir, deadline=time.monotonic() + timeout_s)
+    work = workdir or Path(tempfile.mkdtemp(prefix="gram-clip-", dir=tmp_root))
+    task = ClipTask(item=item, workdir=work, deadline=time.monotonic() + timeout_s)
     try:
         for stage in stages:
             if task.remaining() <= 0:
@@ -326,5 +337,17 @@ def process_item(
         message = f"{type(exc).__name__}: {exc} (at {Path(where.filename).name}:{where.lineno})"
         return ClipResult(item.index, b"", failed_row(item, "internal_error", message))
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            _empty(workdir)
     return ClipResult(item.index, task.sample, _ok_row(task))
+
+
+def _empty(folder: Path) -> None:
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)

@@ -547,6 +547,8 @@ def put_bytes_if(
     compared and replaced under an exclusive `flock` on a hidden `.NAME.lock`
     beside it, which every writer through this function takes.
     """
+    if version == "":  # no object has the empty version: never write unconditionally
+        return None
     if not is_s3(uri):
         target = _local(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
