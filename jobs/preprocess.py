@@ -41,7 +41,6 @@ def run(config: PreprocessConfig) -> Summary:
     or $RAY_ADDRESS) or started only once the inputs are checked and there is work left.
     """
     config.require_paths()
-    config = dataclasses.replace(config, s3=config.s3.resolved())  # creds for the workers
     return preprocess(config)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -174,8 +175,12 @@ def _stage(job: ShardJob, context: ShardContext) -> ShardJob:
 
 
 def ray_executor(config: PreprocessConfig) -> Executor:
-    """An executor that runs each shard as a task on the connected (or started) Ray."""
-    context = shard_context(config)
+    """An executor that runs each shard as a task on the connected (or started) Ray.
+
+    S3 credentials are resolved here, on the driver, and travel with the tasks
+    (`s3.forward_credentials`), so workers need no AWS setup of their own.
+    """
+    context = shard_context(dataclasses.replace(config, s3=config.s3.resolved()))
     execution = config.execution
     cpus = execution.cpus_per_task or max(stage.resources.cpus for stage in context.stages)
 

@@ -104,26 +104,29 @@ class S3Config:
         if self.backoff_s < 0:
             raise ConfigError(f"s3.backoff_s: must be >= 0, got {self.backoff_s}")
 
-    def resolved(self) -> S3Config:
-        """A copy with endpoint, region and credentials filled from this process's AWS chain."""
+    def located(self) -> S3Config:
+        """A copy with endpoint and region filled from this process's environment."""
         endpoint = (
             self.endpoint_url
             or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL")
         )
         region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return replace(self, endpoint_url=endpoint, region=region)
+
+    def resolved(self) -> S3Config:
+        """A copy with endpoint, region and credentials filled from this process's AWS chain."""
+        located = self.located()
         if not self.forward_credentials or self.access_key_id:
-            return replace(self, endpoint_url=endpoint, region=region)
+            return located
         import boto3
 
         creds = boto3.Session().get_credentials()
         if creds is None:
-            return replace(self, endpoint_url=endpoint, region=region)
+            return located
         frozen = creds.get_frozen_credentials()
         return replace(
-            self,
-            endpoint_url=endpoint,
-            region=region,
+            located,
             access_key_id=frozen.access_key,
             secret_access_key=frozen.secret_key,
             session_token=frozen.token,
@@ -634,7 +637,7 @@ def pyarrow_filesystem(uri: str, *, s3: S3Config | None = None) -> tuple[Any, st
 
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(_local(uri))
-    cfg = _cfg(s3)
+    cfg = _cfg(s3).located()
     kwargs: dict[str, Any] = {"region": cfg.region or "us-east-1"}
     if cfg.access_key_id:
         kwargs.update(
