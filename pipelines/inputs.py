@@ -245,16 +245,21 @@ def _text_lines(uri: str, s3: S3Config | None) -> Iterator[str]:
         yield _text(line)
 
 
-def _read_jsonl(uri: str, base: str, s3: S3Config | None) -> Iterator[_Raw]:
+def _json_lines(uri: str, s3: S3Config | None) -> Iterator[tuple[int, Any]]:
+    """`(line number, parsed value)` of each non-blank line of a JSONL file."""
     for n, line in enumerate(_text_lines(uri, s3), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as exc:
             raise ManifestError(
                 f"{uri}:{n}: invalid JSON ({exc.msg} at column {exc.colno})"
             ) from None
+
+
+def _read_jsonl(uri: str, base: str, s3: S3Config | None) -> Iterator[_Raw]:
+    for n, obj in _json_lines(uri, s3):
         yield _row(obj, f"{uri}:{n}", n, base)
 
 
@@ -316,15 +321,7 @@ def _read_captions_file(uri: str, s3: S3Config | None, index: DiskIndex) -> None
         return
 
     def rows() -> Iterator[tuple[str, str]]:
-        for n, line in enumerate(_text_lines(uri, s3), start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ManifestError(
-                    f"{uri}:{n}: invalid JSON ({exc.msg} at column {exc.colno})"
-                ) from None
+        for n, obj in _json_lines(uri, s3):
             if not isinstance(obj, dict) or not isinstance(obj.get("id"), str | int):
                 raise ManifestError(f"{uri}:{n}: expected an object with an `id` (the file stem)")
             yield str(obj["id"]), json.dumps(_captions(obj, f"{uri}:{n}", csv_text=False))
