@@ -11,10 +11,11 @@ writing its manifest part and commit file, compacting `manifest.parquet`.
 Each run is the real command (`python -m jobs.preprocess`, `execution.mode=ray`)
 in a fresh process that starts its own local Ray, as on one machine; its
 driver's resident memory is sampled every 0.2 s. Printed per size: wall
-time, inputs/s over the whole command, the time before the first shard task
-(reading the input + Ray start-up) and the rate after it, and the driver's
-peak RSS, with its growth from the smallest size. Results also go to
-results/bench_preprocess_scale.json.
+time and inputs/s over the whole command; from the job's log, the time
+spent reading and checking the input, the time until the first shard task
+was submitted (that plus Ray's start-up), the shard phase's rate, and the
+time compacting the manifest; the driver's peak RSS and its growth from the
+smallest size. Results also go to results/bench_preprocess_scale.json.
 """
 
 from __future__ import annotations
@@ -107,15 +108,24 @@ def run_one(manifest: Path, count: int, work: Path) -> dict[str, float]:
     first_task = next((_clock(x) for x in log.splitlines() if "shard tasks on" in x), None)
     zero = started_at.hour * 3600 + started_at.minute * 60 + started_at.second
     before_tasks = (first_task - zero) % 86400 if first_task is not None else float("nan")
+    plan = _seconds(log, r"read and checked \d+ inputs in ([\d.]+) s")
+    finish = _seconds(log, r"manifest of \d+ shards compacted in ([\d.]+) s")
     shutil.rmtree(out, ignore_errors=True)
     return {
         "inputs": count,
         "seconds": seconds,
         "inputs_per_s": count / seconds,
+        "seconds_reading_inputs": plan,
         "seconds_before_tasks": before_tasks,
-        "inputs_per_s_after": count / max(seconds - before_tasks, 1e-9),
+        "inputs_per_s_in_tasks": count / max(seconds - before_tasks - finish, 1e-9),
+        "seconds_compacting": finish,
         "peak_driver_rss_mb": peak,
     }
+
+
+def _seconds(log: str, pattern: str) -> float:
+    match = re.search(pattern, log)
+    return float(match.group(1)) if match else float("nan")
 
 
 def main() -> None:
@@ -138,14 +148,15 @@ def main() -> None:
     load_end = os.getloadavg()
     base = results[0]["peak_driver_rss_mb"]
     lines = [
-        f"{'inputs':>10} {'wall s':>8} {'inputs/s':>9} {'before tasks s':>15} "
-        f"{'inputs/s after':>15} {'driver peak RSS MB':>19} {'growth MB':>10}"
+        f"{'inputs':>10} {'wall s':>7} {'inputs/s':>9} {'reading s':>10} {'to 1st task s':>14} "
+        f"{'in tasks /s':>12} {'compact s':>10} {'driver RSS MB':>14} {'growth':>7}"
     ]
     for r in results:
         lines.append(
-            f"{r['inputs']:>10,} {r['seconds']:>8.1f} {r['inputs_per_s']:>9,.0f} "
-            f"{r['seconds_before_tasks']:>15.0f} {r['inputs_per_s_after']:>15,.0f} "
-            f"{r['peak_driver_rss_mb']:>19.0f} {r['peak_driver_rss_mb'] - base:>+10.0f}"
+            f"{r['inputs']:>10,} {r['seconds']:>7.1f} {r['inputs_per_s']:>9,.0f} "
+            f"{r['seconds_reading_inputs']:>10.1f} {r['seconds_before_tasks']:>14.0f} "
+            f"{r['inputs_per_s_in_tasks']:>12,.0f} {r['seconds_compacting']:>10.1f} "
+            f"{r['peak_driver_rss_mb']:>14.0f} {r['peak_driver_rss_mb'] - base:>+7.0f}"
         )
     lines.append(
         f"cpus {os.cpu_count()}, load average start {load_start[0]:.1f}, end {load_end[0]:.1f}"

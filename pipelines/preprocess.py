@@ -182,6 +182,13 @@ def plan_inputs(config: PreprocessConfig, workdir: Path) -> InputPlan:
                 rate = count / (last - started)
                 log.info("read and checked %d inputs (%.0f inputs/s)", count, rate)
     starts.append(offset)
+    seconds = time.monotonic() - started
+    log.info(
+        "read and checked %d inputs in %.1f s (%.0f inputs/s)",
+        count,
+        seconds,
+        count / max(seconds, 1e-9),
+    )
     return InputPlan(path, count, per, digest.hexdigest()[:16], starts)
 
 
@@ -324,10 +331,12 @@ def _run(
                 f"the executor committed {progress.done_shards} of {len(todo)} shards"
             )
     lease.check()
+    finishing = time.monotonic()
     manifest_uri, totals = write_manifest(
         output, prefix, range(plan.shards), s3=s3, spool_dir=config.execution.spool_dir
     )
     clear_staging(output, s3=s3)
+    log.info("manifest of %d shards compacted in %.1f s", plan.shards, time.monotonic() - finishing)
     summary = Summary(
         output=output,
         inputs=plan.count,
