@@ -15,7 +15,8 @@ time and inputs/s over the whole command; from the job's log, the time
 spent reading and checking the input, the time until the first shard task
 was submitted (that plus Ray's start-up), the shard phase's rate, and the
 time compacting the manifest; the driver's peak RSS and its growth from the
-smallest size. Results also go to results/bench_preprocess_scale.json.
+smallest size; its CPU time (sampled, so the last 0.2 s may be missing).
+Results also go to results/bench_preprocess_scale.json.
 """
 
 from __future__ import annotations
@@ -50,11 +51,12 @@ def write_manifest(path: Path, count: int) -> Path:
 
 
 class DriverRss:
-    """Peak resident memory of one process, sampled every 0.2 s on a thread (MiB)."""
+    """Peak resident memory (MiB) and CPU time (s) of one process, sampled every 0.2 s."""
 
     def __init__(self, pid: int) -> None:
         self.proc = psutil.Process(pid)
         self.peak = 0.0
+        self.cpu = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -63,6 +65,8 @@ class DriverRss:
         while not self._stop.is_set():
             try:
                 self.peak = max(self.peak, self.proc.memory_info().rss / 2**20)
+                times = self.proc.cpu_times()
+                self.cpu = times.user + times.system
             except psutil.Error:
                 return
             time.sleep(0.2)
@@ -100,6 +104,7 @@ def run_one(manifest: Path, count: int, work: Path) -> dict[str, float]:
     log, _ = proc.communicate()
     seconds = time.perf_counter() - start
     peak = rss.stop()
+    cpu = rss.cpu
     if proc.returncode != 0:
         raise RuntimeError(f"run of {count} inputs failed:\n{log[-3000:]}")
     index = json.loads((out / "_state" / "run.json").read_text())
@@ -120,6 +125,7 @@ def run_one(manifest: Path, count: int, work: Path) -> dict[str, float]:
         "inputs_per_s_in_tasks": count / max(seconds - before_tasks - finish, 1e-9),
         "seconds_compacting": finish,
         "peak_driver_rss_mb": peak,
+        "driver_cpu_s": cpu,
     }
 
 
@@ -149,14 +155,16 @@ def main() -> None:
     base = results[0]["peak_driver_rss_mb"]
     lines = [
         f"{'inputs':>10} {'wall s':>7} {'inputs/s':>9} {'reading s':>10} {'to 1st task s':>14} "
-        f"{'in tasks /s':>12} {'compact s':>10} {'driver RSS MB':>14} {'growth':>7}"
+        f"{'in tasks /s':>12} {'compact s':>10} {'driver CPU s':>13} {'driver RSS MB':>14} "
+        f"{'growth':>7}"
     ]
     for r in results:
         lines.append(
             f"{r['inputs']:>10,} {r['seconds']:>7.1f} {r['inputs_per_s']:>9,.0f} "
             f"{r['seconds_reading_inputs']:>10.1f} {r['seconds_before_tasks']:>14.0f} "
             f"{r['inputs_per_s_in_tasks']:>12,.0f} {r['seconds_compacting']:>10.1f} "
-            f"{r['peak_driver_rss_mb']:>14.0f} {r['peak_driver_rss_mb'] - base:>+7.0f}"
+            f"{r['driver_cpu_s']:>13.1f} {r['peak_driver_rss_mb']:>14.0f} "
+            f"{r['peak_driver_rss_mb'] - base:>+7.0f}"
         )
     lines.append(
         f"cpus {os.cpu_count()}, load average start {load_start[0]:.1f}, end {load_end[0]:.1f}"

@@ -26,10 +26,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import tempfile
+import threading
 import time
 from array import array
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +51,7 @@ from pipelines.writer import (
     clear_staging,
     finished_shards,
     lease_uri,
+    run_file_uri,
     write_index,
     write_manifest,
 )
@@ -148,8 +151,15 @@ class InputPlan:
             return fh.read(self.starts[shard + 1] - self.starts[shard])
 
 
-def plan_inputs(config: PreprocessConfig, workdir: Path) -> InputPlan:
-    """Read and check every input into `workdir` (a stream: see the module docstring).
+def plan_inputs(
+    config: PreprocessConfig,
+    workdir: Path,
+    on_many: Callable[[], None] | None = None,
+    stop: threading.Event | None = None,
+) -> InputPlan:
+    """Read and check every input into `workdir` (a stream: see the module docstring);
+    `on_many` is called once the inputs outnumber `execution.local_max_inputs`; setting
+    `stop` (from another thread) ends the reading with InterruptedError.
 
     Raises ManifestError before anything is written to the output.
     """
@@ -177,6 +187,10 @@ def plan_inputs(config: PreprocessConfig, workdir: Path) -> InputPlan:
             digest.update(line)
             offset += len(line)
             count += 1
+            if count == execution.local_max_inputs + 1 and on_many is not None:
+                on_many()
+            if stop is not None and stop.is_set():
+                raise InterruptedError("reading the input was stopped")
             if count % 10_000 == 0 and time.monotonic() - last >= execution.progress_interval_s:
                 last = time.monotonic()
                 rate = count / (last - started)
@@ -279,17 +293,65 @@ def preprocess(config: PreprocessConfig, executor: Executor | None = None) -> Su
     output = config.output.rstrip("/") if storage.is_s3(config.output) else config.output
     spool = config.execution.spool_dir or None
     with tempfile.TemporaryDirectory(prefix="gram-inputs-", dir=spool) as tmp:
-        plan = plan_inputs(config, Path(tmp))
-        lease = _lease(config, output)
+        connected = False
         try:
-            lease.acquire()
-        except LeaseHeldError as exc:
-            raise OutputBusyError(str(exc)) from None
-        try:
-            lease.keep_alive()
-            return _run(config, output, plan, executor, lease, started)
+            plan, connected = _plan(config, output, Path(tmp), early_ray=executor is None)
+            lease = _lease(config, output)
+            try:
+                lease.acquire()
+            except LeaseHeldError as exc:
+                raise OutputBusyError(str(exc)) from None
+            try:
+                lease.keep_alive()
+                return _run(config, output, plan, executor, lease, started)
+            finally:
+                lease.release()
         finally:
-            lease.release()
+            if connected:
+                from pipelines.ray_adapter import disconnect_ray
+
+                disconnect_ray()
+
+
+def _plan(
+    config: PreprocessConfig, output: str, workdir: Path, *, early_ray: bool
+) -> tuple[InputPlan, bool]:
+    """`plan_inputs`, starting Ray meanwhile (on this thread) as soon as the run will
+    surely need it: `execution.mode=ray`, or `auto` on a fresh output once the inputs
+    outnumber `local_max_inputs`. Ray's start-up then overlaps the reading. Returns the
+    plan and whether Ray was connected here."""
+    mode = config.execution.mode
+    if not early_ray or mode == "local":
+        return plan_inputs(config, workdir), False
+    if mode == "auto" and storage.exists(run_file_uri(output), s3=config.s3):
+        return plan_inputs(config, workdir), False  # a resumed run may have little left
+    wanted = threading.Event()
+    settled = threading.Event()
+    stop = threading.Event()
+
+    def many() -> None:
+        wanted.set()
+        settled.set()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="gram-plan") as pool:
+        future = pool.submit(plan_inputs, config, workdir, many, stop)
+        future.add_done_callback(lambda _: settled.set())
+        connected = False
+        try:
+            settled.wait()
+            if wanted.is_set() or (mode == "ray" and future.exception() is None):
+                from pipelines.ray_adapter import connect_ray
+
+                execution = config.execution
+                connected = connect_ray(execution.ray_address, num_cpus=execution.local_num_cpus)
+            return future.result(), connected
+        except BaseException:  # e.g. Ctrl-C: stop the reading thread, leave Ray
+            stop.set()
+            if connected:
+                from pipelines.ray_adapter import disconnect_ray
+
+                disconnect_ray()
+            raise
 
 
 def _run(

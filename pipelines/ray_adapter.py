@@ -45,7 +45,13 @@ from pipelines.shard_task import (
 from pipelines.stages import ClipResult
 from pipelines.writer import ShardState, staging_uri
 
-__all__ = ["connect_ray", "job_runtime_env_vars", "ray_connection", "ray_executor"]
+__all__ = [
+    "connect_ray",
+    "disconnect_ray",
+    "job_runtime_env_vars",
+    "ray_connection",
+    "ray_executor",
+]
 
 log = logging.getLogger("pipelines.ray")
 
@@ -102,18 +108,22 @@ def connect_ray(
     return True
 
 
+def disconnect_ray() -> None:
+    """Leave Ray (a local Ray started by `connect_ray` stops with it)."""
+    import ray
+
+    ray.shutdown()
+
+
 @contextlib.contextmanager
 def ray_connection(execution: ExecutionConfig) -> Iterator[None]:
-    """`connect_ray` with the job's settings; disconnects on leaving if it connected
-    (a local Ray started here stops with it)."""
+    """`connect_ray` with the job's settings; disconnects on leaving if it connected."""
     connected = connect_ray(execution.ray_address, num_cpus=execution.local_num_cpus)
     try:
         yield
     finally:
         if connected:
-            import ray
-
-            ray.shutdown()
+            disconnect_ray()
 
 
 def _check_cpus(cpus_per_task: float) -> float:

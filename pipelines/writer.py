@@ -54,6 +54,7 @@ __all__ = [
     "manifest_part_uri",
     "read_index",
     "read_state",
+    "run_file_uri",
     "shard_uris",
     "staging_uri",
     "state_uri",
@@ -143,6 +144,11 @@ def staging_uri(output: str, prefix: str, index: int) -> str:
     return storage.join(output, STAGING_DIR, "inputs", f"{prefix}-{index:06d}.jsonl")
 
 
+def run_file_uri(output: str) -> str:
+    """Where the description of the run an output holds lives."""
+    return storage.join(output, STATE_DIR, RUN_FILE)
+
+
 def lease_uri(output: str) -> str:
     """Where the running job's lease on the output lives."""
     return storage.join(output, STATE_DIR, LEASE_FILE)
@@ -154,7 +160,7 @@ def check_run_file(output: str, run: dict[str, Any], *, s3: S3Config | None) -> 
     Returns True when resuming an earlier run. Raises OutputConflictError
     (naming the settings that differ) when the output holds another run.
     """
-    uri = storage.join(output, STATE_DIR, RUN_FILE)
+    uri = run_file_uri(output)
     try:
         old = json.loads(storage.read_bytes(uri, s3=s3))
     except storage.StorageNotFoundError:
