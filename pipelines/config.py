@@ -136,7 +136,7 @@ class ExecutionConfig:
     sub-tasks of this many clips (so small runs use every CPU)."""
     read_chunk_rows: int = 10_000
     """Input rows read and checked at a time (bounds the driver's memory)."""
-    index_cache_mb: int = 16
+    index_cache_mb: int = 8
     """Memory for the on-disk index of ids and captions that checks the whole input."""
     lease_seconds: float = 60.0
     """The job holds its output with a lease renewed every third of this; another job on

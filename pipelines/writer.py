@@ -30,7 +30,7 @@ import shutil
 import tempfile
 import typing
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,9 @@ MANIFEST_FILE = "manifest.parquet"
 MANIFEST_DIR = "manifest"
 STAGING_DIR = "_staging"
 INDEX_FILE = "index.json"
+MANIFEST_MAX_ROW_GROUPS = 2048
+"""Row groups of the compacted `manifest.parquet` at most: one per shard up to this many
+shards, several whole shards per row group beyond."""
 LAYOUT_VERSION = 2
 """Recorded in `_state/run.json`: an output written with another layout is not resumed."""
 
@@ -284,15 +287,21 @@ class Totals:
 def write_manifest(
     output: str,
     prefix: str,
-    shards: Iterable[int],
+    shards: Sequence[int],
     *,
     s3: S3Config | None,
     spool_dir: str | None = None,
     io_threads: int = 8,
 ) -> tuple[str, Totals]:
-    """Compact the manifest parts of `shards` (ascending) into `manifest.parquet`, one part
-    in memory at a time (a few are fetched ahead on `io_threads`), and gather the totals
-    from the shards' state files; returns its URI and the totals."""
+    """Compact the manifest parts of `shards` (ascending) into `manifest.parquet` and
+    gather the totals from the shards' state files; returns its URI and the totals.
+
+    Parts are fetched a few ahead on `io_threads`; each shard's rows are one row group,
+    up to `MANIFEST_MAX_ROW_GROUPS` shards, and beyond that each row group takes the
+    same number of whole shards. The writer keeps the footer in memory until it closes
+    (~25 KB per row group, measured), so memory stays bounded: at most ~50 MB of footer
+    plus one row group, however many shards there are.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -305,10 +314,15 @@ def write_manifest(
     with tempfile.TemporaryDirectory(prefix="gram-manifest-", dir=spool_dir or None) as tmp:
         local = Path(tmp) / MANIFEST_FILE
         with pq.ParquetWriter(local, manifest_schema(), compression="zstd") as out:
+            per_group = -(-len(shards) // MANIFEST_MAX_ROW_GROUPS)  # shards per row group
+            group: list[Any] = []
             for state, part in storage.map_io(
                 fetch, shards, workers=io_threads, ahead=2 * io_threads
             ):
-                out.write_table(pq.read_table(pa.BufferReader(part)))
+                group.append(pq.read_table(pa.BufferReader(part)))
+                if len(group) == per_group:
+                    _write_row_group(out, group)
+                    group = []
                 totals.ok += state.ok
                 reasons.update(state.failed_by_reason)
                 if state.name:
@@ -320,11 +334,20 @@ def write_manifest(
                             "sha256": state.sha256,
                         }
                     )
+            if group:
+                _write_row_group(out, group)
         uri = storage.join(output, MANIFEST_FILE)
         storage.put_file(uri, local, s3=s3)
     totals.failed = sum(reasons.values())
     totals.failed_by_reason = dict(sorted(reasons.items()))
     return uri, totals
+
+
+def _write_row_group(writer: Any, tables: list[Any]) -> None:
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables)
+    writer.write_table(table, row_group_size=max(1, len(table)))
 
 
 def clear_staging(output: str, *, s3: S3Config | None, io_threads: int = 8) -> int:
