@@ -23,13 +23,15 @@ import pytest
 
 from gram.config import ConfigError
 from jobs.preprocess import main, run
-from pipelines import storage
+from pipelines import storage, writer
 from pipelines.config import InputsConfig, PreprocessConfig
 from pipelines.disk_index import DiskIndex
 from pipelines.inputs import ManifestError, iter_inputs, read_inputs
 from pipelines.lease import Lease, LeaseHeldError, LeaseRecord, LeaseTimes, StorageLeaseStore
 from pipelines.preprocess import OutputBusyError
+from pipelines.stages import ClipResult, failed_row
 from pipelines.storage import S3Config
+from pipelines.writer import commit_shard, write_manifest
 
 pytestmark = pytest.mark.slow
 
@@ -337,3 +339,27 @@ def test_a_busy_output_is_its_own_error(tmp_path):
         assert not (out / "_state" / "run.json").exists()  # nothing written
     finally:
         holder.release()
+
+
+def test_the_compacted_manifest_groups_whole_shards_past_its_row_group_cap(tmp_path, monkeypatch):
+    """One row group per shard up to the cap (the layout of every earlier run), several
+    whole shards per row group beyond it, with the same rows either way."""
+    rows = [{"id": f"r{i}", "video": f"{i}.mp4", "captions": ["c"]} for i in range(10)]
+    items = read_inputs(str(_write(rows, tmp_path, "jsonl")), InputsConfig())
+    out = str(tmp_path / "out")
+    for shard in range(5):
+        results = (
+            ClipResult(i.index, b"", failed_row(i, "not_found", f"no {i.video}"))
+            for i in items[2 * shard : 2 * shard + 2]
+        )
+        commit_shard(out, "shard", shard, results, s3=None)
+    per_shard = pq.ParquetFile(write_manifest(out, "shard", range(5), s3=None)[0])
+    assert per_shard.metadata.num_row_groups == 5
+    rows = per_shard.read().to_pylist()
+    monkeypatch.setattr(writer, "MANIFEST_MAX_ROW_GROUPS", 2)
+    uri, totals = write_manifest(out, "shard", range(5), s3=None)
+    grouped = pq.ParquetFile(uri)
+    groups = [grouped.metadata.row_group(g).num_rows for g in range(grouped.num_row_groups)]
+    assert groups == [6, 4]  # 3 shards, then 2
+    assert grouped.read().to_pylist() == rows
+    assert (totals.ok, totals.failed) == (0, 10)
