@@ -7,7 +7,7 @@
 1. makes 96 tri-modal clips with ffmpeg (colour x shape x motion on screen, a tone or
    noise on the soundtrack; every caption names both, so neither text->video nor
    text->audio alone can single a clip out), twice: a training and an evaluation rendering;
-2. preprocesses them into WebDataset shards with Ray Data (local Ray);
+2. preprocesses them into WebDataset shards with Ray tasks (local Ray);
 3. trains the `tiny` GRAM model with 2 Ray Train workers (global volume negatives);
 4. evaluates retrieval (volume vs cosine baselines) and zero-shot classification;
 5. registers the model in the local sqlite MLflow registry and promotes it if it passes.

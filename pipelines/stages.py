@@ -7,7 +7,7 @@ A `ClipTask` flows through Fetch -> Probe -> Decode -> Pack. A stage
 that fails raises `MediaError`/`StorageError`; `process_item` records the
 reason on the result (a failed manifest row) and skips the rest, so one
 corrupt clip never stops a run. No stage imports Ray: `ray_adapter` runs the
-chain inside Ray Data tasks, and the benchmark runs it in a process pool.
+chain inside Ray tasks, and the benchmark runs it in a process pool.
 The stages share the clip's local temp file, so they run together in one
 task, which declares the largest of their CPU needs.
 """

@@ -88,7 +88,7 @@ class DemoSteps:
 
         if (done := self._done("shards")) is not None:
             return dict(done["shards"])
-        print("[demo] 2/5 preprocessing with Ray Data ...", flush=True)
+        print("[demo] 2/5 preprocessing (one Ray task per shard) ...", flush=True)
         init_ray()  # one local Ray for every step
         combined = self.root / "clips" / "train.jsonl"
         rows = []
