@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import os
+import secrets
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -177,9 +178,9 @@ def _shard_task(job: ShardJob, boxed_context: list[Any], spread: tuple[int, int,
     return run_shard(job, context)
 
 
-def _stage(job: ShardJob, context: ShardContext) -> ShardJob:
+def _stage(job: ShardJob, context: ShardContext, run: str) -> ShardJob:
     """Put the job's inputs in the output's staging area, where any node can read them."""
-    uri = staging_uri(context.output, context.prefix, job.index)
+    uri = staging_uri(context.output, run, context.prefix, job.index)
     storage.put_bytes(uri, job.lines, s3=context.s3)
     return ShardJob(index=job.index, inputs=job.inputs, staged=uri)
 
@@ -213,7 +214,8 @@ def ray_executor(config: PreprocessConfig) -> Executor:
             )
             boxed = [ray.put(context)]
             task = ray.remote(_shard_task).options(num_cpus=cpus)
-            staged = storage.map_io(lambda job: _stage(job, context), jobs, ahead=window)
+            run_token = secrets.token_hex(6)
+            staged = storage.map_io(lambda job: _stage(job, context, run_token), jobs, ahead=window)
             pending: list[Any] = []
             for job in staged:
                 pending.append(task.remote(job, boxed, spread))

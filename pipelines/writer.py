@@ -19,7 +19,7 @@ shard's files at a time.
     OUT/_state/run.json                  what run the output holds (config, input)
     OUT/_state/{prefix}-NNNNNN.json      one commit file per finished shard
     OUT/_state/lease.json                the running job's lease (gone when it ends)
-    OUT/_staging/inputs/...              a running job's checked inputs, per shard
+    OUT/_staging/RUN/...                 a running job's checked inputs, per shard
 """
 
 from __future__ import annotations
@@ -142,9 +142,10 @@ def manifest_part_uri(output: str, prefix: str, index: int) -> str:
     return storage.join(output, MANIFEST_DIR, f"{prefix}-{index:06d}.parquet")
 
 
-def staging_uri(output: str, prefix: str, index: int) -> str:
-    """Where a running job puts shard `index`'s checked inputs for the task that owns it."""
-    return storage.join(output, STAGING_DIR, "inputs", f"{prefix}-{index:06d}.jsonl")
+def staging_uri(output: str, run: str, prefix: str, index: int) -> str:
+    """Where run `run` (a token of the running job) puts shard `index`'s checked inputs for
+    the task that owns it: a task left over from a killed run deletes only its own."""
+    return storage.join(output, STAGING_DIR, run, f"{prefix}-{index:06d}.jsonl")
 
 
 def run_file_uri(output: str) -> str:
