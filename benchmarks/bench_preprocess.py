@@ -142,7 +142,7 @@ def child(args: argparse.Namespace) -> None:
     import ray
 
     from pipelines.preprocess import preprocess
-    from pipelines.ray_exec import ray_executor
+    from pipelines.ray_adapter import ray_executor
 
     os.environ.pop("RAY_ADDRESS", None)
     with PeakRss() as rss:

@@ -35,7 +35,7 @@ from gram.shards import ShardLoader  # noqa: E402
 from gram.steps import OptimConfig, build_optimizer, cosine_schedule, train_step  # noqa: E402
 from gram.synthetic import SyntheticClips  # noqa: E402
 from pipelines.index import read_listing  # noqa: E402
-from pipelines.sample_shards import write_sample_shards  # noqa: E402
+from pipelines.samples_to_shards import write_sample_shards  # noqa: E402
 
 
 def baseline(data: str, steps: int, batch: int) -> float:

@@ -43,6 +43,7 @@ BENCHMARKS = {
     "model": "bench_model.py",
     "train": "bench_train.py",
     "preprocess": "bench_preprocess.py",
+    "preprocess-scale": "bench_preprocess_scale.py",
 }
 _REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@
    noise on the soundtrack; every caption names both, so neither text->video nor
    text->audio alone can single a clip out), rendered three times (288 files): two
    renderings to train on and one, at other sizes, frame rates and durations, to evaluate;
-2. preprocesses them into WebDataset shards with Ray Data (local Ray);
+2. preprocesses them into WebDataset shards with Ray tasks (local Ray);
 3. trains the `tiny` GRAM model with 2 Ray Train workers (global volume negatives);
 4. evaluates retrieval (volume vs cosine baselines) and zero-shot classification;
 5. registers the model in the local sqlite MLflow registry and promotes it if it passes.
@@ -142,7 +142,7 @@ class DemoSteps:
 
         if (done := self._done("shards")) is not None:
             return dict(done["shards"])
-        print("[demo] 2/5 preprocessing with Ray Data ...", flush=True)
+        print("[demo] 2/5 preprocessing (one Ray task per shard) ...", flush=True)
         init_ray()  # one local Ray for every step
         combined = self.root / "clips" / "train.jsonl"
         rows = []

@@ -4,11 +4,15 @@
     python -m jobs.preprocess --input s3://bucket/videos/ --output s3://bucket/shards/ \\
         --config jobs/configs/preprocess.yaml s3.endpoint_url=http://127.0.0.1:9000
 
-Joins the Ray cluster at $RAY_ADDRESS when set (e.g. under `ray job submit`),
-else starts a local Ray. The output holds `{prefix}-{index:06d}.tar` shards,
-`index.json` and `manifest.parquet`; rerunning with the same config resumes.
-Exit codes: 0 done, 1 too many inputs failed, 2 bad config/input/output.
-See docs/preprocessing.md.
+Small runs (up to `execution.local_max_inputs` inputs left) run in this
+process; larger ones run one Ray task per shard on the cluster at
+$RAY_ADDRESS (e.g. under `ray job submit`), else on a local Ray started for
+the run (`execution.mode` forces either). The output holds
+`{prefix}-{index:06d}.tar` shards, `index.json` and `manifest.parquet`;
+rerunning with the same config resumes; a second job on the same output is
+refused while the first runs. Exit codes: 0 done, 1 too many inputs failed
+(or the job lost its hold on the output), 2 bad config/input, or an output
+that holds another run or is in use. See docs/preprocessing.md.
 """
 
 from __future__ import annotations
@@ -21,22 +25,21 @@ from collections.abc import Sequence
 from jobs.common.entry import EXIT_FAILED, EXIT_OK, EXIT_USAGE, job_main
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import ManifestError
-from pipelines.preprocess import FailureRateError, Summary, preprocess
-from pipelines.ray_exec import ray_executor
+from pipelines.lease import LeaseLostError
+from pipelines.preprocess import FailureRateError, OutputBusyError, Summary, preprocess
 from pipelines.writer import OutputConflictError
 
 __all__ = ["PreprocessConfig", "main", "run"]
 
 
 def run(config: PreprocessConfig) -> Summary:
-    """Preprocess `config.input` into `config.output` on Ray; returns the run's summary.
+    """Preprocess `config.input` into `config.output`; returns the run's summary.
 
-    Joins `execution.ray_address` or $RAY_ADDRESS, else starts a local Ray,
-    only once the inputs are read and checked and there is work left.
+    Where the shards run follows `execution.mode`; Ray is joined (`execution.ray_address`
+    or $RAY_ADDRESS) or started only once the inputs are checked and there is work left.
     """
     config.require_paths()
-    config = dataclasses.replace(config, s3=config.s3.resolved())  # creds for the workers
-    return preprocess(config, executor=ray_executor(config))
+    return preprocess(config)
 
 
 def _options(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +77,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m jobs.preproce
         run=_run,
         options=_options,
         apply=_apply,
-        errors={ManifestError: EXIT_USAGE, OutputConflictError: EXIT_USAGE},
+        errors={
+            ManifestError: EXIT_USAGE,
+            OutputConflictError: EXIT_USAGE,
+            OutputBusyError: EXIT_USAGE,
+            LeaseLostError: EXIT_FAILED,
+        },
     )
 
 

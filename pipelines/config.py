@@ -118,16 +118,30 @@ class InputsConfig:
 class ExecutionConfig:
     """Where and how the work runs (not part of the config hash)."""
 
+    mode: Literal["auto", "ray", "local"] = "auto"
+    """`local`: every shard in this process, no Ray; `ray`: shard tasks on Ray; `auto`: local
+    when at most `local_max_inputs` inputs are left to process, else Ray."""
+    local_max_inputs: int = 16
+    """`mode=auto` runs in this process up to this many inputs left to process."""
     ray_address: str = ""
     """Ray cluster to join; empty = $RAY_ADDRESS if set, else start a local Ray."""
     local_num_cpus: int = 0
     """CPUs of a locally started Ray; 0 = all cores."""
     cpus_per_task: float = 0.0
-    """CPUs declared by each clip task; 0 = the largest need declared by the stages (1)."""
+    """CPUs declared by each task; 0 = the largest need declared by the stages (1)."""
+    max_tasks_in_flight: int = 0
+    """Shard tasks submitted and not yet finished; 0 = twice the cluster's CPUs."""
     clips_per_task: int = 4
-    """Clips per Ray task: fewer = finer load balancing, more = less overhead."""
-    clips_per_dataset: int = 10_000
-    """Clips per Ray Data dataset (run one after another): bounds the driver's memory."""
+    """When there are fewer shards left than CPUs, each shard task spreads its clips over
+    sub-tasks of this many clips (so small runs use every CPU)."""
+    read_chunk_rows: int = 10_000
+    """Input rows read and checked at a time (bounds the driver's memory)."""
+    index_cache_mb: int = 8
+    """Memory for the on-disk index of ids and captions that checks the whole input."""
+    lease_seconds: float = 60.0
+    """The job holds its output with a lease renewed every third of this; another job on
+    the same output is refused meanwhile; a crashed job's lease expires after this
+    (at once when it ran on the same machine)."""
     ffmpeg_threads: int = 1
     """Decoder/filter threads per ffmpeg process."""
     clip_timeout_s: float = 300.0
@@ -137,13 +151,23 @@ class ExecutionConfig:
     progress_interval_s: float = 10.0
     """Seconds between progress lines."""
     spool_dir: str = ""
-    """Local folder for shards being assembled; empty = the system temp folder."""
+    """Local folder for the checked inputs and for shards being assembled; empty = the
+    system temp folder."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.mode in ("auto", "ray", "local"),
+            "execution.mode",
+            "must be one of auto, ray, local",
+        )
+        _check(self.local_max_inputs >= 0, "execution.local_max_inputs", "must be >= 0")
         _check(self.local_num_cpus >= 0, "execution.local_num_cpus", "must be >= 0")
         _check(self.cpus_per_task >= 0, "execution.cpus_per_task", "must be >= 0")
+        _check(self.max_tasks_in_flight >= 0, "execution.max_tasks_in_flight", "must be >= 0")
         _check(self.clips_per_task >= 1, "execution.clips_per_task", "must be >= 1")
-        _check(self.clips_per_dataset >= 1, "execution.clips_per_dataset", "must be >= 1")
+        _check(self.read_chunk_rows >= 1, "execution.read_chunk_rows", "must be >= 1")
+        _check(self.index_cache_mb >= 1, "execution.index_cache_mb", "must be >= 1")
+        _check(self.lease_seconds >= 5, "execution.lease_seconds", "must be >= 5 seconds")
         _check(self.ffmpeg_threads >= 1, "execution.ffmpeg_threads", "must be >= 1")
         _check(self.clip_timeout_s > 0, "execution.clip_timeout_s", "must be > 0 seconds")
         _check(

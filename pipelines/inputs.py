@@ -1,4 +1,4 @@
-"""Read the job's input into a checked, ordered list of `InputItem`s before any work starts.
+"""Read the job's input as a checked, ordered stream of `InputItem`s, in bounded memory.
 
 Accepted inputs (local paths or s3:// URIs):
 
@@ -14,26 +14,46 @@ Structural problems (invalid JSON, no video column, captions of the wrong
 type, no rows) raise `ManifestError` naming the line. Problems with one
 row's content (duplicate id, no or over-long captions, text that is not
 UTF-8) become that row's failure reason; the row still gets its manifest line.
+
+Manifests (local or S3) and S3 listings are read in chunks of rows; checks
+over the whole input (duplicate ids and keys, captions keyed by stem) go
+through a `DiskIndex` on local disk, so memory does not grow with the input:
+
+    with DiskIndex(tmp) as index:
+        for item in iter_inputs(uri, cfg, s3=s3, index=index, chunk_rows=10_000): ...
+
+`read_inputs` collects the stream into a list, for small inputs.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
+import itertools
 import json
 import posixpath
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from gram.schema import safe_key
 from pipelines import storage
 from pipelines.config import InputsConfig
+from pipelines.disk_index import DiskIndex
 from pipelines.storage import S3Config
 
-__all__ = ["InputItem", "ManifestError", "fingerprint", "read_inputs"]
+__all__ = [
+    "InputItem",
+    "ManifestError",
+    "fingerprint",
+    "item_line",
+    "iter_inputs",
+    "read_inputs",
+]
+
+T = TypeVar("T")
 
 _VIDEO_COLS = ("video", "video_uri", "path", "uri")
 _CAPTION_LIST_COLS = ("captions",)
@@ -67,10 +87,19 @@ class InputItem:
     """The row's other fields (e.g. a class label), kept in the clip's metadata `extra`."""
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (round-trips through `InputItem(**d)` after list->tuple)."""
-        out = asdict(self)
-        out["captions"] = list(self.captions)
-        return out
+        """A JSON-ready dict (round-trips through `from_json`)."""
+        return {
+            "index": self.index,
+            "line": self.line,
+            "id": self.id,
+            "key": self.key,
+            "video": self.video,
+            "audio": self.audio,
+            "captions": list(self.captions),
+            "reason": self.reason,
+            "error": self.error,
+            "extra": dict(self.extra),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> InputItem:
@@ -119,7 +148,23 @@ def _resolve(base: str, ref: str) -> str:
     if storage.is_s3(base):
         bucket, key = storage.split_s3(base)
         return f"s3://{bucket}/{posixpath.normpath(posixpath.join(key, ref))}"
-    return str(PurePosixPath(base) / ref) if base else ref
+    if not base:
+        return ref
+    if _plain(base) and _plain(ref):  # what PurePosixPath would give, without its parsing
+        return f"{base}/{ref}"
+    return str(PurePosixPath(base) / ref)
+
+
+def _plain(path: str) -> bool:
+    """True when PurePosixPath leaves `path` as it is (no `.` parts, no repeated or
+    trailing slashes)."""
+    return (
+        path != "."
+        and not path.startswith("./")
+        and not path.endswith(("/", "/."))
+        and "//" not in path
+        and "/./" not in path
+    )
 
 
 def _pick(row: Mapping[str, Any], names: tuple[str, ...]) -> Any:
@@ -183,24 +228,43 @@ def _row(row: Any, where: str, line: int, base: str, *, csv_text: bool = False) 
 
 def _text(data: bytes) -> str:
     # Undecodable bytes survive as surrogates so the row, not the file, fails (reason not_utf8).
-    return data.decode("utf-8", "surrogateescape").removeprefix("\ufeff")
+    return data.decode("utf-8", "surrogateescape")
 
 
-def _read_jsonl(uri: str, data: bytes, base: str) -> Iterator[_Raw]:
-    for n, line in enumerate(_text(data).splitlines(), start=1):
+def _text_lines(uri: str, s3: S3Config | None) -> Iterator[str]:
+    """The decoded lines of a text file (first line without a byte-order mark), streamed."""
+    try:
+        lines = storage.iter_lines(uri, s3=s3)
+        first = next(lines, None)
+    except storage.StorageNotFoundError:
+        raise ManifestError(f"{uri}: input manifest does not exist") from None
+    if first is None:
+        return
+    yield _text(first).removeprefix("\ufeff")
+    for line in lines:
+        yield _text(line)
+
+
+def _json_lines(uri: str, s3: S3Config | None) -> Iterator[tuple[int, Any]]:
+    """`(line number, parsed value)` of each non-blank line of a JSONL file."""
+    for n, line in enumerate(_text_lines(uri, s3), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as exc:
             raise ManifestError(
                 f"{uri}:{n}: invalid JSON ({exc.msg} at column {exc.colno})"
             ) from None
+
+
+def _read_jsonl(uri: str, base: str, s3: S3Config | None) -> Iterator[_Raw]:
+    for n, obj in _json_lines(uri, s3):
         yield _row(obj, f"{uri}:{n}", n, base)
 
 
-def _read_csv(uri: str, data: bytes, base: str) -> Iterator[_Raw]:
-    reader = csv.DictReader(io.StringIO(_text(data), newline=""))
+def _read_csv(uri: str, base: str, s3: S3Config | None) -> Iterator[_Raw]:
+    reader = csv.DictReader(_text_lines(uri, s3))
     if not reader.fieldnames:
         raise ManifestError(f"{uri}:1: empty CSV (a header row with a video column is required)")
     fields = [f.strip() for f in reader.fieldnames]
@@ -216,69 +280,91 @@ def _read_csv(uri: str, data: bytes, base: str) -> Iterator[_Raw]:
         yield _row(row, f"{uri}:{n}", n, base, csv_text=True)
 
 
-def _read_parquet(uri: str, data: bytes, base: str) -> Iterator[_Raw]:
+def _read_parquet(uri: str, base: str, s3: S3Config | None, batch_rows: int) -> Iterator[_Raw]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    fs, path = storage.pyarrow_filesystem(uri, s3=s3)
     try:
-        table = pq.read_table(pa.BufferReader(data))
+        source = pq.ParquetFile(fs.open_input_file(path))
+    except FileNotFoundError:
+        raise ManifestError(f"{uri}: input manifest does not exist") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise ManifestError(f"{uri}: not a readable Parquet file ({exc})") from None
-    if not any(c in table.column_names for c in _VIDEO_COLS):
-        raise ManifestError(
-            f"{uri}: no video column ({', '.join(_VIDEO_COLS)}) in {table.column_names}"
-        )
-    for n, row in enumerate(table.to_pylist(), start=1):
-        yield _row(row, f"{uri}: row {n}", n, base)
+    names = source.schema_arrow.names
+    if not any(c in names for c in _VIDEO_COLS):
+        raise ManifestError(f"{uri}: no video column ({', '.join(_VIDEO_COLS)}) in {names}")
+    n = 0
+    for batch in source.iter_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            n += 1
+            yield _row(row, f"{uri}: row {n}", n, base)
 
 
-def _read_captions_file(uri: str, s3: S3Config | None) -> dict[str, list[str]]:
-    data = storage.read_bytes(uri, s3=s3)
-    text = _text(data)
+def _read_captions_file(uri: str, s3: S3Config | None, index: DiskIndex) -> None:
+    """Captions keyed by file stem into `index` table `captions` (JSON lists as values).
+
+    JSONL is streamed; a `.json` object is read whole (prefer JSONL for large sets)."""
     if uri.endswith(".json"):
+        text = _text(storage.read_bytes(uri, s3=s3)).removeprefix("\ufeff")
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{uri}:{exc.lineno}: invalid JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
             raise ManifestError(f"{uri}: expected a JSON object mapping file stem -> captions")
-        return {
-            str(k): _captions({"captions": v}, f"{uri}: {k!r}", csv_text=False)
+        pairs: Iterable[tuple[str, str]] = (
+            (str(k), json.dumps(_captions({"captions": v}, f"{uri}: {k!r}", csv_text=False)))
             for k, v in obj.items()
-        }
-    out: dict[str, list[str]] = {}
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ManifestError(
-                f"{uri}:{n}: invalid JSON ({exc.msg} at column {exc.colno})"
-            ) from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str | int):
-            raise ManifestError(f"{uri}:{n}: expected an object with an `id` (the file stem)")
-        out[str(obj["id"])] = _captions(obj, f"{uri}:{n}", csv_text=False)
-    return out
+        )
+        index.put("captions", pairs, replace=True)
+        return
+
+    def rows() -> Iterator[tuple[str, str]]:
+        for n, obj in _json_lines(uri, s3):
+            if not isinstance(obj, dict) or not isinstance(obj.get("id"), str | int):
+                raise ManifestError(f"{uri}:{n}: expected an object with an `id` (the file stem)")
+            yield str(obj["id"]), json.dumps(_captions(obj, f"{uri}:{n}", csv_text=False))
+
+    for chunk in _chunks(rows(), 10_000):
+        index.put("captions", chunk, replace=True)
 
 
-def _list_prefix(uri: str, cfg: InputsConfig, s3: S3Config | None) -> Iterator[_Raw]:
+def _list_prefix(
+    uri: str, cfg: InputsConfig, s3: S3Config | None, index: DiskIndex, chunk_rows: int
+) -> Iterator[_Raw]:
     root = uri.rstrip("/")
-    files = storage.list_files(root, s3=s3, suffixes=cfg.video_extensions)
     if cfg.captions_file:
         cap_uri = _resolve(root, cfg.captions_file)
     else:
         cands = [storage.join(root, n) for n in ("captions.jsonl", "captions.json")]
         cap_uri = next((c for c in cands if storage.exists(c, s3=s3)), "")
-    captions = _read_captions_file(cap_uri, s3) if cap_uri else {}
-    for n, f in enumerate(files, start=1):
-        rel = f.uri[len(root) + 1 :]
-        stem = rel.rsplit(".", 1)[0]
-        caps = captions.get(stem, captions.get(PurePosixPath(rel).stem, []))
-        yield _Raw(line=n, id=stem, video=f.uri, audio=None, captions=caps)
+    if cap_uri:
+        _read_captions_file(cap_uri, s3, index)
+    files = storage.iter_files(root, s3=s3, suffixes=cfg.video_extensions)
+    line = 0
+    for chunk in _chunks(files, chunk_rows):
+        names = []
+        for f in chunk:
+            rel = f.uri[len(root) + 1 :]
+            names.append((f.uri, rel.rsplit(".", 1)[0], PurePosixPath(rel).stem))
+        known = index.get("captions", [k for _, stem, short in names for k in (stem, short)])
+        for video, stem, short in names:
+            line += 1
+            found = known.get(stem, known.get(short))
+            caps = json.loads(found) if found is not None else []
+            yield _Raw(line=line, id=stem, video=video, audio=None, captions=caps)
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 def _is_utf8(text: str) -> bool:
+    if text.isascii():
+        return True
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -290,65 +376,97 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def read_inputs(uri: str, cfg: InputsConfig, *, s3: S3Config | None = None) -> list[InputItem]:
-    """Read, resolve and check every input; raises ManifestError before any work starts."""
+def _raw_rows(
+    uri: str, cfg: InputsConfig, s3: S3Config | None, index: DiskIndex, chunk_rows: int
+) -> Iterator[_Raw]:
     lower = uri.lower()
-    if lower.endswith(_MANIFEST_EXTS):
+    if not lower.endswith(_MANIFEST_EXTS):
         try:
-            data = storage.read_bytes(uri, s3=s3)
-        except storage.StorageNotFoundError:
-            raise ManifestError(f"{uri}: input manifest does not exist") from None
-        base = storage.parent(uri)
-        if lower.endswith(".csv"):
-            raws = list(_read_csv(uri, data, base))
-        elif lower.endswith(".parquet"):
-            raws = list(_read_parquet(uri, data, base))
-        else:
-            raws = list(_read_jsonl(uri, data, base))
-    else:
-        try:
-            raws = list(_list_prefix(uri, cfg, s3))
+            yield from _list_prefix(uri, cfg, s3, index, chunk_rows)
         except storage.StorageNotFoundError as exc:
             raise ManifestError(
                 f"{uri}: input is neither a manifest ({', '.join(_MANIFEST_EXTS)}) "
                 f"nor an existing folder/prefix ({exc})"
             ) from None
-    if not raws:
+        return
+    base = storage.parent(uri)
+    if lower.endswith(".csv"):
+        yield from _read_csv(uri, base, s3)
+    elif lower.endswith(".parquet"):
+        yield from _read_parquet(uri, base, s3, chunk_rows)
+    else:
+        yield from _read_jsonl(uri, base, s3)
+
+
+def iter_inputs(
+    uri: str,
+    cfg: InputsConfig,
+    *,
+    s3: S3Config | None = None,
+    index: DiskIndex,
+    chunk_rows: int = 10_000,
+) -> Iterator[InputItem]:
+    """Read, resolve and check every input, `chunk_rows` rows at a time, in input order.
+
+    Raises ManifestError (naming the file and line) for a structural problem,
+    when it is reached; `index` (fresh for each input) holds the ids seen so far.
+    """
+    count = 0
+    for chunk in _chunks(_raw_rows(uri, cfg, s3, index, chunk_rows), chunk_rows):
+        yield from _check_rows(uri, chunk, count, cfg, index)
+        count += len(chunk)
+    if count == 0:
         raise ManifestError(f"{uri}: no inputs found")
-    return _check_rows(uri, raws, cfg)
 
 
-def _check_rows(uri: str, raws: list[_Raw], cfg: InputsConfig) -> list[InputItem]:
-    items: list[InputItem] = []
-    seen_ids: dict[str, int] = {}
-    seen_keys: dict[str, int] = {}
-    for index, raw in enumerate(raws):
+def read_inputs(uri: str, cfg: InputsConfig, *, s3: S3Config | None = None) -> list[InputItem]:
+    """Every input as a list (for small inputs; jobs stream with `iter_inputs`)."""
+    with tempfile.TemporaryDirectory(prefix="gram-inputs-") as tmp, DiskIndex(tmp) as index:
+        return list(iter_inputs(uri, cfg, s3=s3, index=index))
+
+
+def _check_rows(
+    uri: str, raws: list[_Raw], first: int, cfg: InputsConfig, index: DiskIndex
+) -> list[InputItem]:
+    """Check one chunk of rows; ids and keys claimed by earlier rows come from `index`
+    (a row claims its id and key when it has no failure of its own)."""
+    rows = []
+    for raw in raws:
         rid = raw.id if raw.id is not None else raw.video.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        utf8 = all(_is_utf8(t) for t in (rid, raw.video, raw.audio or "", *raw.captions))
+        rows.append((raw, rid, safe_key(_printable(rid)), utf8))
+    # One table for both: "i:" + id and "k:" + key.
+    claimed = index.get(
+        "claims", [n for _, rid, key, ok in rows if ok for n in (f"i:{rid}", f"k:{key}")]
+    )
+    items: list[InputItem] = []
+    claims: dict[str, str] = {}
+    for offset, (raw, rid, key, utf8) in enumerate(rows):
         reason, error = None, None
-        if not all(_is_utf8(t) for t in (rid, raw.video, raw.audio or "", *raw.captions)):
-            reason, error = "not_utf8", "id, path or a caption is not valid UTF-8 text"
-        key = safe_key(_printable(rid))
         captions = [c.strip() for c in raw.captions if c.strip()]
-        if reason is None and rid in seen_ids:
+        id_line = claimed.get(f"i:{rid}") or claims.get(f"i:{rid}")
+        key_line = claimed.get(f"k:{key}") or claims.get(f"k:{key}")
+        if not utf8:
+            reason, error = "not_utf8", "id, path or a caption is not valid UTF-8 text"
+        elif id_line:
             reason = "duplicate_id"
-            error = f"id {rid!r} already used at line {seen_ids[rid]}; this row was not processed"
+            error = f"id {rid!r} already used at line {id_line}; this row was not processed"
             if cfg.duplicate_ids == "error":
                 raise ManifestError(f"{uri}:{raw.line}: {error} (inputs.duplicate_ids=error)")
-        elif reason is None and key in seen_keys:
+        elif key_line:
             reason = "duplicate_id"
-            error = f"id {rid!r} maps to key {key!r} already used at line {seen_keys[key]}"
-        elif reason is None and not captions:
+            error = f"id {rid!r} maps to key {key!r} already used at line {key_line}"
+        elif not captions:
             reason, error = "no_captions", "no non-empty caption for this clip"
-        elif reason is None and (longest := max(len(c) for c in captions)) > cfg.max_caption_chars:
+        elif (longest := max(len(c) for c in captions)) > cfg.max_caption_chars:
             reason = "caption_too_long"
             limit = cfg.max_caption_chars
             error = f"a caption has {longest} characters (inputs.max_caption_chars={limit})"
         if reason is None:
-            seen_ids[rid] = raw.line
-            seen_keys[key] = raw.line
+            claims[f"i:{rid}"] = claims[f"k:{key}"] = str(raw.line)
         items.append(
             InputItem(
-                index=index,
+                index=first + offset,
                 line=raw.line,
                 id=_printable(rid),
                 key=key,
@@ -360,13 +478,18 @@ def _check_rows(uri: str, raws: list[_Raw], cfg: InputsConfig) -> list[InputItem
                 extra=dict(raw.extra),
             )
         )
+    index.put("claims", claims.items())
     return items
 
 
-def fingerprint(items: list[InputItem]) -> str:
+def item_line(item: InputItem) -> bytes:
+    """The canonical JSON line of an item: what tasks read, and what the fingerprint hashes."""
+    return json.dumps(item.to_json(), sort_keys=True, ensure_ascii=True).encode() + b"\n"
+
+
+def fingerprint(items: Iterable[InputItem]) -> str:
     """16-hex-digit hash of the resolved inputs (ids, keys, URIs, captions, early failures)."""
     h = hashlib.sha256()
     for item in items:
-        h.update(json.dumps(item.to_json(), sort_keys=True, ensure_ascii=True).encode())
-        h.update(b"\n")
+        h.update(item_line(item))
     return h.hexdigest()[:16]

@@ -1,41 +1,72 @@
-"""The preprocessing run: read inputs, skip finished shards, process the rest, write the index.
+"""The preprocessing run: check the inputs, hold the output, run shard tasks, write the index.
 
-    summary = preprocess(config, executor=ray_executor(config))   # pipelines.ray_exec
+    summary = preprocess(config)                    # execution.mode picks where shards run
+    summary = preprocess(config, local_executor(config))   # or say it (tests, debugging)
 
-`executor` turns a list of inputs into a stream of `ClipResult`s in any
-order (Ray Data in production, `serial_executor` in-process). Everything
-else here is plain Python: the plan, the resume check, shard writing,
-progress lines, the failure-rate check and the summary.
+1. Plan: the inputs are read and checked as a stream (`inputs.iter_inputs`)
+   into a local spool file, one canonical line per input, noting where each
+   shard's lines start; the fingerprint is hashed on the way. Nothing is
+   written to the output before the whole input proved readable.
+2. Hold: the job takes a lease on the output (`_state/lease.json`); a second
+   job on the same output is refused while the first runs.
+3. Resume check: `_state/run.json` must describe this config and input;
+   shards with a commit file are skipped.
+4. Shards: each remaining shard becomes a `ShardJob` that an executor runs,
+   in this process or as a Ray task that writes the shard itself; the driver
+   only counts the small states that come back.
+5. Finish: the manifest parts are compacted into `manifest.parquet`, the
+   failure rate is checked, and `index.json` is written.
+
+The driver's memory holds a chunk of input rows, the index's page cache and
+a few numbers per shard, never anything per input.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import tempfile
+import threading
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gram.schema import SCHEMA_VERSION
 from pipelines import PIPELINE_VERSION, storage
 from pipelines.config import PreprocessConfig
-from pipelines.inputs import InputItem, fingerprint, read_inputs
-from pipelines.stages import ClipResult, build_stages, process_item
+from pipelines.disk_index import DiskIndex
+from pipelines.inputs import item_line, iter_inputs
+from pipelines.lease import Lease, LeaseHeldError, LeaseTimes, StorageLeaseStore
+from pipelines.shard_task import Executor, ShardJob, local_executor
 from pipelines.writer import (
-    ShardAssembler,
+    LAYOUT_VERSION,
+    MANIFEST_FILE,
     ShardState,
     check_run_file,
+    clear_staging,
     finished_shards,
+    lease_uri,
+    run_file_uri,
     write_index,
     write_manifest,
 )
 
-__all__ = ["Executor", "FailureRateError", "Summary", "preprocess", "serial_executor"]
+__all__ = [
+    "FailureRateError",
+    "InputPlan",
+    "OutputBusyError",
+    "Summary",
+    "choose_mode",
+    "plan_inputs",
+    "preprocess",
+]
 
 log = logging.getLogger("pipelines.preprocess")
-
-Executor = Callable[[list[InputItem]], Iterator[ClipResult]]
 
 
 @dataclass
@@ -55,6 +86,8 @@ class Summary:
     bytes_written: int = 0
     seconds: float = 0.0
     clips_per_s: float = 0.0
+    mode: str = ""
+    """Where the shards ran: `local` (this process), `ray`, or `none` (nothing left to do)."""
     index_uri: str | None = None
     manifest_uri: str | None = None
 
@@ -67,7 +100,7 @@ class Summary:
         out = [
             f"inputs {self.inputs}: {self.ok} ok, {self.failed} failed",
             f"processed {self.processed} clips in {self.seconds:.1f}s "
-            f"({self.clips_per_s:.2f} clips/s)",
+            f"({self.clips_per_s:.2f} clips/s, {self.mode})",
             f"shards {self.shards} ({self.shards_written} written now, {self.shards_skipped} "
             f"already done), {self.bytes_written / 1e6:.1f} MB written",
         ]
@@ -87,120 +120,297 @@ class FailureRateError(RuntimeError):
         self.summary = summary
 
 
-def serial_executor(config: PreprocessConfig) -> Executor:
-    """Process inputs one by one in this process (no Ray): for tests and debugging."""
-    stages = build_stages(config)
+class OutputBusyError(RuntimeError):
+    """Another job holds the output (its lease has not expired)."""
 
-    def run(items: list[InputItem]) -> Iterator[ClipResult]:
+
+@dataclass
+class InputPlan:
+    """The checked inputs, spooled on local disk: one `item_line` per input, in order."""
+
+    path: Path
+    count: int
+    samples_per_shard: int
+    fingerprint: str
+    starts: array[int]
+    """Byte offset in `path` where each shard's lines start, plus the end of the file."""
+
+    @property
+    def shards(self) -> int:
+        """Number of shards the inputs fill."""
+        return len(self.starts) - 1
+
+    def shard_inputs(self, shard: int) -> int:
+        """How many inputs shard `shard` holds."""
+        return min(self.samples_per_shard, self.count - shard * self.samples_per_shard)
+
+    def lines(self, shard: int) -> bytes:
+        """Shard `shard`'s lines."""
+        with self.path.open("rb") as fh:
+            fh.seek(self.starts[shard])
+            return fh.read(self.starts[shard + 1] - self.starts[shard])
+
+
+def plan_inputs(
+    config: PreprocessConfig,
+    workdir: Path,
+    on_many: Callable[[], None] | None = None,
+    stop: threading.Event | None = None,
+) -> InputPlan:
+    """Read and check every input into `workdir` (a stream: see the module docstring);
+    `on_many` is called once the inputs outnumber `execution.local_max_inputs`; setting
+    `stop` (from another thread) ends the reading with InterruptedError.
+
+    Raises ManifestError before anything is written to the output.
+    """
+    per = config.shards.samples_per_shard
+    path = workdir / "inputs.jsonl"
+    digest = hashlib.sha256()
+    starts: array[int] = array("q")
+    count = offset = 0
+    started = time.monotonic()
+    last = started
+    execution = config.execution
+    with DiskIndex(workdir, cache_mb=execution.index_cache_mb) as index, path.open("wb") as out:
+        items = iter_inputs(
+            config.input,
+            config.inputs,
+            s3=config.s3,
+            index=index,
+            chunk_rows=execution.read_chunk_rows,
+        )
         for item in items:
-            yield process_item(stages, item, timeout_s=config.execution.clip_timeout_s)
+            if count % per == 0:
+                starts.append(offset)
+            line = item_line(item)
+            out.write(line)
+            digest.update(line)
+            offset += len(line)
+            count += 1
+            if count == execution.local_max_inputs + 1 and on_many is not None:
+                on_many()
+            if stop is not None and stop.is_set():
+                raise InterruptedError("reading the input was stopped")
+            if count % 10_000 == 0 and time.monotonic() - last >= execution.progress_interval_s:
+                last = time.monotonic()
+                rate = count / (last - started)
+                log.info("read and checked %d inputs (%.0f inputs/s)", count, rate)
+    starts.append(offset)
+    seconds = time.monotonic() - started
+    log.info(
+        "read and checked %d inputs in %.1f s (%.0f inputs/s)",
+        count,
+        seconds,
+        count / max(seconds, 1e-9),
+    )
+    return InputPlan(path, count, per, digest.hexdigest()[:16], starts)
 
-    return run
+
+def choose_mode(config: PreprocessConfig, inputs_to_do: int) -> str:
+    """`local` or `ray`, by `execution.mode` (auto: local up to `local_max_inputs` inputs)."""
+    mode = config.execution.mode
+    if mode == "auto":
+        return "local" if inputs_to_do <= config.execution.local_max_inputs else "ray"
+    return mode
 
 
-def _run_record(config: PreprocessConfig, items: list[InputItem]) -> dict[str, Any]:
+def _executor(config: PreprocessConfig, mode: str) -> Executor:
+    if mode == "local":
+        return local_executor(config)
+    from pipelines.ray_adapter import ray_executor  # Ray only when it is used
+
+    return ray_executor(config)
+
+
+def _run_record(config: PreprocessConfig, plan: InputPlan) -> dict[str, Any]:
     return {
         "config_hash": config.hash(),
         "config": config.hashed(),
-        "input": {"uri": config.input, "fingerprint": fingerprint(items), "count": len(items)},
+        "input": {"uri": config.input, "fingerprint": plan.fingerprint, "count": plan.count},
         "schema_version": SCHEMA_VERSION,
+        "layout": LAYOUT_VERSION,
     }
 
 
-class _Progress:
-    def __init__(self, total: int, interval_s: float) -> None:
-        self.total, self.interval = total, interval_s
-        self.start = self.last = time.monotonic()
-        self.done = self.ok = self.shards = 0
+def _lease(config: PreprocessConfig, output: str) -> Lease:
+    seconds = config.execution.lease_seconds
+    return Lease(
+        StorageLeaseStore(lease_uri(output), s3=config.s3),
+        LeaseTimes(
+            lease_seconds=seconds,
+            grace_seconds=seconds / 4,
+            wait_seconds=0.0,
+            margin_seconds=seconds / 6,
+        ),
+        what=f"the output {output}",
+        purpose=f"preprocess {config.input}",
+        how_to_clear=(
+            "use another output; if that job is certainly gone, its lease expires "
+            f"{seconds:.0f} s after it was last renewed (at once when it ran on this machine)"
+        ),
+        break_dead_holders=True,
+    )
 
-    def update(self, result: ClipResult, shard: ShardState | None) -> None:
-        self.done += 1
-        self.ok += result.row["status"] == "ok"
-        self.shards += shard is not None
+
+class _Progress:
+    def __init__(self, shards: int, inputs: int, interval_s: float) -> None:
+        self.shards, self.inputs, self.interval = shards, inputs, interval_s
+        self.start = self.last = time.monotonic()
+        self.done_shards = self.done = self.ok = self.written = self.bytes = 0
+
+    def update(self, state: ShardState) -> None:
+        self.done_shards += 1
+        self.done += state.inputs
+        self.ok += state.ok
+        self.written += state.name is not None
+        self.bytes += state.bytes
         now = time.monotonic()
-        if now - self.last >= self.interval or self.done == self.total:
+        if now - self.last >= self.interval or self.done_shards == self.shards:
             self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
             log.info(
-                "%d/%d clips (%d ok, %d failed), %.2f clips/s, %d shards written",
+                "%d/%d shards, %d/%d inputs (%d ok, %d failed), %.1f inputs/s",
+                self.done_shards,
+                self.shards,
                 self.done,
-                self.total,
+                self.inputs,
                 self.ok,
                 self.done - self.ok,
-                rate,
-                self.shards,
+                self.done / max(now - self.start, 1e-9),
             )
 
 
-def preprocess(config: PreprocessConfig, executor: Executor) -> Summary:
+def preprocess(config: PreprocessConfig, executor: Executor | None = None) -> Summary:
     """Run the job described by `config`; see the module docstring.
 
-    Raises ConfigError / ManifestError before any work for bad settings or
-    input, OutputConflictError if the output holds another run, and
-    FailureRateError (after writing manifest.parquet, without index.json)
-    when too many inputs failed.
+    `executor` runs the shards; None picks one by `execution.mode`. Raises
+    ConfigError / ManifestError before any work for bad settings or input,
+    OutputBusyError when another job holds the output, OutputConflictError if
+    the output holds another run, and FailureRateError (after writing
+    manifest.parquet, without index.json) when too many inputs failed.
     """
     config.require_paths()
     started = time.monotonic()
-    s3 = config.s3
-    items = read_inputs(config.input, config.inputs, s3=s3)
-    per = config.shards.samples_per_shard
-    members: dict[int, list[int]] = {}
-    for item in items:
-        members.setdefault(item.index // per, []).append(item.index)
     output = config.output.rstrip("/") if storage.is_s3(config.output) else config.output
-    storage.remove_stale_temp_files(output)
-    resumed = check_run_file(output, _run_record(config, items), s3=s3)
-    prefix = config.shards.prefix
-    done = finished_shards(output, prefix, s3=s3) & set(members) if resumed else set()
-    todo = {s: idx for s, idx in members.items() if s not in done}
-    log.info(
-        "%d inputs in %d shards: %d already done, %d to do",
-        len(items),
-        len(members),
-        len(done),
-        len(todo),
-    )
-
-    assembler = ShardAssembler(output, prefix, todo, s3=s3, spool_dir=config.execution.spool_dir)
-    work: list[InputItem] = []
-    progress = _Progress(sum(len(v) for v in todo.values()), config.execution.progress_interval_s)
-    try:
-        for shard in sorted(todo):
-            for i in todo[shard]:
-                if items[i].reason is None:
-                    work.append(items[i])
-                else:  # failed before any media work: recorded now
-                    result = process_item([], items[i], timeout_s=1.0)
-                    progress.update(result, assembler.add(result))
-        results = executor(work)
+    spool = config.execution.spool_dir or None
+    with tempfile.TemporaryDirectory(prefix="gram-inputs-", dir=spool) as tmp:
+        connected = False
         try:
-            for result in results:
-                progress.update(result, assembler.add(result))
+            plan, connected = _plan(config, output, Path(tmp), early_ray=executor is None)
+            lease = _lease(config, output)
+            try:
+                lease.acquire()
+            except LeaseHeldError as exc:
+                raise OutputBusyError(str(exc)) from None
+            try:
+                lease.keep_alive()
+                return _run(config, output, plan, executor, lease, started)
+            finally:
+                lease.release()
         finally:
-            close = getattr(results, "close", None)
-            if close is not None:
-                close()
-        if assembler.pending():
-            raise RuntimeError(f"executor returned no result for shards {assembler.pending()[:10]}")
-    finally:
-        assembler.close()
+            if connected:
+                from pipelines.ray_adapter import disconnect_ray
 
-    manifest_uri, totals = write_manifest(
-        output, prefix, sorted(members), s3=s3, spool_dir=config.execution.spool_dir
+                disconnect_ray()
+
+
+def _plan(
+    config: PreprocessConfig, output: str, workdir: Path, *, early_ray: bool
+) -> tuple[InputPlan, bool]:
+    """`plan_inputs`, starting Ray meanwhile (on this thread) as soon as the run will
+    surely need it: `execution.mode=ray`, or `auto` on a fresh output once the inputs
+    outnumber `local_max_inputs`. Ray's start-up then overlaps the reading. Returns the
+    plan and whether Ray was connected here."""
+    mode = config.execution.mode
+    if not early_ray or mode == "local":
+        return plan_inputs(config, workdir), False
+    if mode == "auto" and storage.exists(run_file_uri(output), s3=config.s3):
+        return plan_inputs(config, workdir), False  # a resumed run may have little left
+    wanted = threading.Event()
+    settled = threading.Event()
+    stop = threading.Event()
+
+    def many() -> None:
+        wanted.set()
+        settled.set()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="gram-plan") as pool:
+        future = pool.submit(plan_inputs, config, workdir, many, stop)
+        future.add_done_callback(lambda _: settled.set())
+        connected = False
+        try:
+            settled.wait()
+            if wanted.is_set() or (mode == "ray" and future.exception() is None):
+                from pipelines.ray_adapter import connect_ray
+
+                execution = config.execution
+                connected = connect_ray(execution.ray_address, num_cpus=execution.local_num_cpus)
+            return future.result(), connected
+        except BaseException:  # e.g. Ctrl-C: stop the reading thread, leave Ray
+            stop.set()
+            if connected:
+                from pipelines.ray_adapter import disconnect_ray
+
+                disconnect_ray()
+            raise
+
+
+def _run(
+    config: PreprocessConfig,
+    output: str,
+    plan: InputPlan,
+    executor: Executor | None,
+    lease: Lease,
+    started: float,
+) -> Summary:
+    s3 = config.s3
+    prefix = config.shards.prefix
+    storage.remove_stale_temp_files(output)
+    resumed = check_run_file(output, _run_record(config, plan), s3=s3)
+    done = finished_shards(output, prefix, s3=s3) if resumed else set()
+    todo = [s for s in range(plan.shards) if s not in done]
+    todo_inputs = sum(plan.shard_inputs(s) for s in todo)
+    mode = choose_mode(config, todo_inputs) if todo else "none"
+    log.info(
+        "%d inputs in %d shards: %d already done, %d to do (%d inputs, %s)",
+        plan.count,
+        plan.shards,
+        plan.shards - len(todo),
+        len(todo),
+        todo_inputs,
+        mode,
     )
-    written = {s.name for s in assembler.finished.values() if s.name}
+    progress = _Progress(len(todo), todo_inputs, config.execution.progress_interval_s)
+    if todo:
+        run = executor or _executor(config, mode)
+        jobs: Iterator[ShardJob] = (
+            ShardJob(index=s, inputs=plan.shard_inputs(s), lines=plan.lines(s)) for s in todo
+        )
+        for state in run(jobs, len(todo)):
+            progress.update(state)
+            lease.ensure()
+        if progress.done_shards != len(todo):
+            raise RuntimeError(
+                f"the executor committed {progress.done_shards} of {len(todo)} shards"
+            )
+    lease.check()
+    finishing = time.monotonic()
+    manifest_uri, totals = write_manifest(
+        output, prefix, range(plan.shards), s3=s3, spool_dir=config.execution.spool_dir
+    )
+    clear_staging(output, s3=s3)
+    log.info("manifest of %d shards compacted in %.1f s", plan.shards, time.monotonic() - finishing)
     summary = Summary(
         output=output,
-        inputs=len(items),
+        inputs=plan.count,
         ok=totals.ok,
         failed=totals.failed,
         failed_by_reason=totals.failed_by_reason,
         processed=progress.done,
         shards=len(totals.shards),
-        shards_written=len(written),
-        shards_skipped=len(totals.shards) - len(written),
-        bytes_written=assembler.bytes_written,
+        shards_written=progress.written,
+        shards_skipped=len(totals.shards) - progress.written,
+        bytes_written=progress.bytes,
+        mode=mode,
         manifest_uri=manifest_uri,
     )
     summary.seconds = time.monotonic() - started
@@ -214,13 +424,14 @@ def preprocess(config: PreprocessConfig, executor: Executor) -> Summary:
             f"{top}. No index.json written; see {summary.manifest_uri} for each input's error.",
             summary,
         )
-    summary.index_uri = write_index(output, _index(config, items, totals.shards, summary), s3=s3)
+    lease.check()
+    summary.index_uri = write_index(output, _index(config, plan, totals.shards, summary), s3=s3)
     return summary
 
 
 def _index(
     config: PreprocessConfig,
-    items: list[InputItem],
+    plan: InputPlan,
     shards: list[dict[str, Any]],
     summary: Summary,
 ) -> dict[str, Any]:
@@ -231,7 +442,7 @@ def _index(
         "pipeline_version": PIPELINE_VERSION,
         "config_hash": config.hash(),
         "config": {k: public[k] for k in ("frames", "audio", "shards", "inputs")},
-        "input": {"uri": config.input, "fingerprint": fingerprint(items), "count": len(items)},
+        "input": {"uri": config.input, "fingerprint": plan.fingerprint, "count": plan.count},
         "shards": shards,
         "totals": {
             "inputs": summary.inputs,
@@ -241,5 +452,5 @@ def _index(
             "bytes": sum(s["bytes"] for s in shards),
         },
         "failed_by_reason": summary.failed_by_reason,
-        "manifest": "manifest.parquet",
+        "manifest": MANIFEST_FILE,
     }

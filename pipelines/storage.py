@@ -18,8 +18,11 @@ Credentials never appear in `repr()`, logs or error messages.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import fcntl
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -27,7 +30,8 @@ import shutil
 import time
 import typing
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -43,20 +47,26 @@ __all__ = [
     "download",
     "exists",
     "is_s3",
+    "iter_files",
+    "iter_lines",
     "join",
     "list_files",
+    "map_io",
     "open_read",
     "parent",
     "put_bytes",
+    "put_bytes_if",
     "put_file",
     "pyarrow_filesystem",
     "read_bytes",
+    "read_versioned",
     "remove_stale_temp_files",
     "split_s3",
 ]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 class StorageError(OSError):
@@ -94,26 +104,29 @@ class S3Config:
         if self.backoff_s < 0:
             raise ConfigError(f"s3.backoff_s: must be >= 0, got {self.backoff_s}")
 
-    def resolved(self) -> S3Config:
-        """A copy with endpoint, region and credentials filled from this process's AWS chain."""
+    def located(self) -> S3Config:
+        """A copy with endpoint and region filled from this process's environment."""
         endpoint = (
             self.endpoint_url
             or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL")
         )
         region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return replace(self, endpoint_url=endpoint, region=region)
+
+    def resolved(self) -> S3Config:
+        """A copy with endpoint, region and credentials filled from this process's AWS chain."""
+        located = self.located()
         if not self.forward_credentials or self.access_key_id:
-            return replace(self, endpoint_url=endpoint, region=region)
+            return located
         import boto3
 
         creds = boto3.Session().get_credentials()
         if creds is None:
-            return replace(self, endpoint_url=endpoint, region=region)
+            return located
         frozen = creds.get_frozen_credentials()
         return replace(
-            self,
-            endpoint_url=endpoint,
-            region=region,
+            located,
             access_key_id=frozen.access_key,
             secret_access_key=frozen.secret_key,
             session_token=frozen.token,
@@ -223,7 +236,11 @@ _RETRYABLE_CODES = {
     "InternalError",
     "ServiceUnavailable",
     "RequestTimeTooSkewed",
+    "ConditionalRequestConflict",  # a concurrent conditional write: S3 asks to retry
 }
+
+
+_CONDITION_FAILED = {"PreconditionFailed", "NoSuchKey"}
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -273,42 +290,70 @@ def _cfg(s3: S3Config | None) -> S3Config:
 # --- public operations ---------------------------------------------------------------------
 
 
+def iter_files(
+    prefix: str, *, s3: S3Config | None = None, suffixes: Iterable[str] | None = None
+) -> Iterator[FileInfo]:
+    """Every file under folder/prefix `prefix` (recursive), in URI order, as a stream.
+
+    S3 is listed one page (1,000 keys) at a time, each page retried; a local
+    folder is walked depth-first with each folder's entries sorted so that the
+    order equals sorting the full paths. `suffixes` keeps only names ending
+    with one of them (case-insensitive). Directory markers (S3 keys ending in
+    `/`) and hidden files are skipped; symlinked folders are not followed.
+    """
+    ends = tuple(s.lower() for s in suffixes) if suffixes is not None else None
+    files = _iter_s3_files(prefix, _cfg(s3)) if is_s3(prefix) else _iter_local_files(prefix)
+    for info in files:
+        if ends is None or info.uri.lower().endswith(ends):
+            yield info
+
+
+def _iter_s3_files(prefix: str, cfg: S3Config) -> Iterator[FileInfo]:
+    bucket, key = split_s3(prefix)
+    if key and not key.endswith("/"):
+        key += "/"
+    token: str | None = None
+    while True:
+        args: dict[str, Any] = {"Bucket": bucket, "Prefix": key}
+        if token:
+            args["ContinuationToken"] = token
+        page: dict[str, Any] = _with_retries(
+            cfg, "list", prefix, functools.partial(_client(cfg).list_objects_v2, **args)
+        )
+        for obj in page.get("Contents", []):  # S3 lists keys in UTF-8 byte order
+            if not obj["Key"].endswith("/"):
+                yield FileInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"]))
+        token = page.get("NextContinuationToken")
+        if not page.get("IsTruncated") or not token:
+            return
+
+
+def _iter_local_files(prefix: str) -> Iterator[FileInfo]:
+    root = _local(prefix)
+    if not root.is_dir():
+        raise StorageNotFoundError(f"list {prefix}: no such folder")
+
+    def walk(folder: str) -> Iterator[FileInfo]:
+        with os.scandir(folder) as it:
+            entries = [(e.name + "/" if _is_real_dir(e) else e.name, e) for e in it]
+        for name, entry in sorted(entries, key=lambda pair: pair[0]):
+            if name.endswith("/"):
+                yield from walk(entry.path)
+            elif not name.startswith(".") and entry.is_file():
+                yield FileInfo(entry.path, entry.stat().st_size)
+
+    yield from walk(str(root))
+
+
+def _is_real_dir(entry: os.DirEntry[str]) -> bool:
+    return entry.is_dir() and not entry.is_symlink()
+
+
 def list_files(
     prefix: str, *, s3: S3Config | None = None, suffixes: Iterable[str] | None = None
 ) -> list[FileInfo]:
-    """Every file under folder/prefix `prefix` (recursive), sorted by URI.
-
-    `suffixes` keeps only names ending with one of them (case-insensitive).
-    Directory markers (S3 keys ending in `/`) and hidden temp files are skipped.
-    """
-    ends = tuple(s.lower() for s in suffixes) if suffixes is not None else None
-    out: list[FileInfo] = []
-    if is_s3(prefix):
-        cfg = _cfg(s3)
-        bucket, key = split_s3(prefix)
-        if key and not key.endswith("/"):
-            key += "/"
-
-        def pages() -> list[dict[str, Any]]:
-            paginator = _client(cfg).get_paginator("list_objects_v2")
-            return list(paginator.paginate(Bucket=bucket, Prefix=key))
-
-        for page in _with_retries(cfg, "list", prefix, pages):
-            for obj in page.get("Contents", []):
-                name = obj["Key"]
-                if name.endswith("/"):
-                    continue
-                out.append(FileInfo(f"s3://{bucket}/{name}", int(obj["Size"])))
-    else:
-        root = _local(prefix)
-        if not root.is_dir():
-            raise StorageNotFoundError(f"list {prefix}: no such folder")
-        for path in root.rglob("*"):
-            if path.is_file() and not path.name.startswith("."):
-                out.append(FileInfo(str(path), path.stat().st_size))
-    if ends is not None:
-        out = [f for f in out if f.uri.lower().endswith(ends)]
-    return sorted(out, key=lambda f: f.uri)
+    """Every file under folder/prefix `prefix` (recursive), sorted by URI (see `iter_files`)."""
+    return list(iter_files(prefix, s3=s3, suffixes=suffixes))
 
 
 def exists(uri: str, *, s3: S3Config | None = None) -> bool:
@@ -437,6 +482,126 @@ def put_file(uri: str, src: str | Path, *, s3: S3Config | None = None) -> None:
     _with_retries(cfg, "upload", uri, lambda: _client(cfg).upload_file(str(source), bucket, key))
 
 
+def iter_lines(
+    uri: str, *, s3: S3Config | None = None, chunk_bytes: int = 8 << 20
+) -> Iterator[bytes]:
+    """The lines of a file/object (split at `\\n`, which each line keeps), read as a stream.
+
+    S3 objects are read in ranges of `chunk_bytes`, each retried, so a long
+    manifest survives an outage mid-read; memory holds one range at a time.
+    """
+    if not is_s3(uri):
+        try:
+            fh = _local(uri).open("rb")
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"read {uri}: no such file") from None
+        with fh:
+            yield from fh
+        return
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+    head = _with_retries(cfg, "head", uri, lambda: _client(cfg).head_object(Bucket=bucket, Key=key))
+    size = int(head["ContentLength"])
+    carry = b""
+    for start in range(0, size, chunk_bytes):
+        span = f"bytes={start}-{min(start + chunk_bytes, size) - 1}"
+
+        def get(span: str = span) -> bytes:
+            body = _client(cfg).get_object(Bucket=bucket, Key=key, Range=span)["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+        lines = (carry + _with_retries(cfg, "read", uri, get)).split(b"\n")
+        carry = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if carry:
+        yield carry
+
+
+def read_versioned(uri: str, *, s3: S3Config | None = None) -> tuple[bytes, str]:
+    """`(content, version)`: the version is an opaque tag for `put_bytes_if` (S3: the ETag)."""
+    if not is_s3(uri):
+        data = read_bytes(uri)
+        return data, _local_version(data)
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+
+    def get() -> tuple[bytes, str]:
+        response = _client(cfg).get_object(Bucket=bucket, Key=key)
+        try:
+            return bytes(response["Body"].read()), str(response["ETag"])
+        finally:
+            response["Body"].close()
+
+    return _with_retries(cfg, "read", uri, get)
+
+
+def put_bytes_if(
+    uri: str, data: bytes, *, version: str | None, s3: S3Config | None = None
+) -> str | None:
+    """Compare-and-swap: write `data` only if the object's current version is `version`
+    (None: only if no object exists). Returns the new version, or None when the
+    condition failed (someone else wrote or created it first).
+
+    S3 uses conditional writes (If-None-Match / If-Match); a local file is
+    compared and replaced under an exclusive `flock` on a hidden `.NAME.lock`
+    beside it, which every writer through this function takes.
+    """
+    if version == "":  # no object has the empty version: never write unconditionally
+        return None
+    if not is_s3(uri):
+        target = _local(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with (target.parent / f".{target.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = _local_version(target.read_bytes()) if target.is_file() else None
+                if current != version:
+                    return None
+                _local_atomic_write(target, lambda fh: fh.write(data))
+                return _local_version(data)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+    cfg = _cfg(s3)
+    bucket, key = split_s3(uri)
+    condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+
+    def put() -> str | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = _client(cfg).put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as exc:
+            if _status(exc) in (404, 412) or _error_code(exc) in _CONDITION_FAILED:
+                return None
+            raise
+        return str(response["ETag"])
+
+    return _with_retries(cfg, "put", uri, put)
+
+
+def _local_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:32]
+
+
+def map_io(
+    fn: Callable[[T], U], items: Iterable[T], *, workers: int = 8, ahead: int = 32
+) -> Iterator[U]:
+    """`fn` over `items` on `workers` threads, results in input order, at most `ahead`
+    calls under way or waiting to be consumed (for many small storage requests)."""
+    window: collections.deque[Future[U]] = collections.deque()
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="gram-io") as pool:
+        for item in items:
+            window.append(pool.submit(fn, item))
+            if len(window) >= max(1, ahead):
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+
+
 def delete(uri: str, *, s3: S3Config | None = None) -> None:
     """Remove a file/object; a missing one is not an error."""
     if not is_s3(uri):
@@ -472,7 +637,7 @@ def pyarrow_filesystem(uri: str, *, s3: S3Config | None = None) -> tuple[Any, st
 
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(_local(uri))
-    cfg = _cfg(s3)
+    cfg = _cfg(s3).located()
     kwargs: dict[str, Any] = {"region": cfg.region or "us-east-1"}
     if cfg.access_key_id:
         kwargs.update(

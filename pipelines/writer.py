@@ -1,43 +1,60 @@
-"""Shard assembly, per-shard state, and the final manifest and index.
+"""The output's layout: shards, their commit files, the manifest parts and index.json.
 
 Shard membership is fixed before any work: input `i` belongs to shard
-`i // samples_per_shard`. Results arrive in any order; each is spooled to a
-local file, and when a shard has every result it is written in input order
-(so equal inputs and config give equal bytes), put atomically, and then its
-state file `_state/{prefix}-{index:06d}.json` (manifest rows, size,
-sha256) is put. That state file is the commit point: a rerun skips shards
-that have one, and a shard killed before it is simply redone. Shards whose
-inputs all failed have a state file but no tar.
+`i // samples_per_shard`. One task owns a shard (`commit_shard`): it writes
+the shard's samples in input order into `{prefix}-{index:06d}.tar` (so equal
+inputs and config give equal bytes), puts it atomically, puts the shard's
+manifest part `manifest/{prefix}-{index:06d}.parquet`, and last its state
+file `_state/{prefix}-{index:06d}.json` (counts, size, sha256). That state
+file is the commit point: a rerun skips shards that have one, and a shard
+killed before it is simply redone. Shards whose inputs all failed have a
+state file and a manifest part but no tar. At the end the driver compacts
+the parts into `manifest.parquet` and writes `index.json`, reading one
+shard's files at a time.
+
+    OUT/{prefix}-NNNNNN.tar              samples
+    OUT/manifest/{prefix}-NNNNNN.parquet one manifest part per shard (a Parquet dataset)
+    OUT/manifest.parquet                 every part, in input order, in one file
+    OUT/index.json                       the training contract
+    OUT/_state/run.json                  what run the output holds (config, input)
+    OUT/_state/{prefix}-NNNNNN.json      one commit file per finished shard
+    OUT/_state/lease.json                the running job's lease (gone when it ends)
+    OUT/_staging/RUN/...                 a running job's checked inputs, per shard
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pipelines import storage
 from pipelines.index import INDEX_FILE
-from pipelines.shards import END_OF_ARCHIVE, archive_padding, json_bytes, shard_name
 from pipelines.stages import ClipResult
 from pipelines.storage import S3Config
+from pipelines.tar_format import END_OF_ARCHIVE, archive_padding, json_bytes, shard_name
 
 __all__ = [
+    "LAYOUT_VERSION",
     "MANIFEST_SCHEMA_FIELDS",
     "OutputConflictError",
-    "ShardAssembler",
     "ShardState",
     "Totals",
     "check_run_file",
+    "clear_staging",
+    "commit_shard",
     "finished_shards",
+    "lease_uri",
+    "manifest_part_uri",
     "read_state",
+    "run_file_uri",
+    "staging_uri",
     "state_uri",
     "write_index",
     "write_manifest",
@@ -45,7 +62,15 @@ __all__ = [
 
 STATE_DIR = "_state"
 RUN_FILE = "run.json"
+LEASE_FILE = "lease.json"
 MANIFEST_FILE = "manifest.parquet"
+MANIFEST_DIR = "manifest"
+STAGING_DIR = "_staging"
+MANIFEST_MAX_ROW_GROUPS = 2048
+"""Row groups of the compacted `manifest.parquet` at most: one per shard up to this many
+shards, several whole shards per row group beyond."""
+LAYOUT_VERSION = 2
+"""Recorded in `_state/run.json`: an output written with another layout is not resumed."""
 
 MANIFEST_SCHEMA_FIELDS: list[tuple[str, str]] = [
     ("index", "int64"),
@@ -77,26 +102,26 @@ class OutputConflictError(RuntimeError):
 
 @dataclass
 class ShardState:
-    """What a finished shard left behind (its `_state` file)."""
+    """What a finished shard left behind (its `_state` file), and what its task returns."""
 
     index: int
     name: str | None
     """Tar file name, or None when no input of the shard succeeded."""
+    inputs: int
+    ok: int
+    failed_by_reason: dict[str, int]
     samples: int
     bytes: int
     sha256: str | None
-    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        """Inputs of the shard that failed."""
+        return self.inputs - self.ok
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready dict."""
-        return {
-            "index": self.index,
-            "name": self.name,
-            "samples": self.samples,
-            "bytes": self.bytes,
-            "sha256": self.sha256,
-            "rows": self.rows,
-        }
+        return asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ShardState:
@@ -109,13 +134,34 @@ def state_uri(output: str, prefix: str, index: int) -> str:
     return storage.join(output, STATE_DIR, f"{prefix}-{index:06d}.json")
 
 
+def manifest_part_uri(output: str, prefix: str, index: int) -> str:
+    """Where shard `index`'s manifest part lives."""
+    return storage.join(output, MANIFEST_DIR, f"{prefix}-{index:06d}.parquet")
+
+
+def staging_uri(output: str, run: str, prefix: str, index: int) -> str:
+    """Where run `run` (a token of the running job) puts shard `index`'s checked inputs for
+    the task that owns it: a task left over from a killed run deletes only its own."""
+    return storage.join(output, STAGING_DIR, run, f"{prefix}-{index:06d}.jsonl")
+
+
+def run_file_uri(output: str) -> str:
+    """Where the description of the run an output holds lives."""
+    return storage.join(output, STATE_DIR, RUN_FILE)
+
+
+def lease_uri(output: str) -> str:
+    """Where the running job's lease on the output lives."""
+    return storage.join(output, STATE_DIR, LEASE_FILE)
+
+
 def check_run_file(output: str, run: dict[str, Any], *, s3: S3Config | None) -> bool:
     """Write `_state/run.json`, or check that an existing one matches `run`.
 
     Returns True when resuming an earlier run. Raises OutputConflictError
     (naming the settings that differ) when the output holds another run.
     """
-    uri = storage.join(output, STATE_DIR, RUN_FILE)
+    uri = run_file_uri(output)
     try:
         old = json.loads(storage.read_bytes(uri, s3=s3))
     except storage.StorageNotFoundError:
@@ -162,105 +208,67 @@ def read_state(output: str, prefix: str, index: int, *, s3: S3Config | None) -> 
     )
 
 
-class ShardAssembler:
-    """Collects results per shard and writes each shard once it is complete."""
+def commit_shard(
+    output: str,
+    prefix: str,
+    index: int,
+    results: Iterable[ClipResult],
+    *,
+    s3: S3Config | None,
+    spool_dir: str | None = None,
+) -> ShardState:
+    """Write shard `index` from its inputs' `results` (in input order): the tar, the
+    manifest part, then the state file (the commit point); each put atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    def __init__(
-        self,
-        output: str,
-        prefix: str,
-        members: dict[int, list[int]],
-        *,
-        s3: S3Config | None,
-        spool_dir: str | None = None,
-    ) -> None:
-        self.output = output
-        self.prefix = prefix
-        self.s3 = s3
-        self._members = members  # shard index -> input indices it holds
-        self._shard_of = {i: s for s, idx in members.items() for i in idx}
-        self._rows: dict[int, dict[int, dict[str, Any]]] = {s: {} for s in members}
-        self._spans: dict[int, dict[int, tuple[int, int]]] = {s: {} for s in members}
-        self._spool_files: dict[int, BinaryIO] = {}
-        self._spool = Path(tempfile.mkdtemp(prefix="gram-spool-", dir=spool_dir or None))
-        self.finished: dict[int, ShardState] = {}
-        self.bytes_written = 0
-
-    def add(self, result: ClipResult) -> ShardState | None:
-        """Record one result; returns the shard's state if this completed (and wrote) it."""
-        shard = self._shard_of.get(result.index)
-        if shard is None or shard in self.finished:
-            raise RuntimeError(f"unexpected result for input {result.index} (shard {shard})")
-        if result.index in self._rows[shard]:
-            raise RuntimeError(f"duplicate result for input {result.index}")
-        self._rows[shard][result.index] = result.row
-        if result.sample:
-            fh = self._spool_files.get(shard)
-            if fh is None:
-                fh = self._spool_files[shard] = (self._spool / f"{shard}.part").open("w+b")
-            offset = fh.seek(0, io.SEEK_END)
-            fh.write(result.sample)
-            self._spans[shard][result.index] = (offset, len(result.sample))
-        if len(self._rows[shard]) == len(self._members[shard]):
-            return self._finish(shard)
-        return None
-
-    def pending(self) -> list[int]:
-        """Shards still waiting for results."""
-        return sorted(s for s in self._members if s not in self.finished)
-
-    def _finish(self, shard: int) -> ShardState:
-        spans = self._spans.pop(shard)
-        by_index = self._rows.pop(shard)
-        rows = [by_index[i] for i in sorted(self._members[shard])]
-        name = shard_name(self.prefix, shard) if spans else None
-        size, digest = 0, None
-        if name is not None:
-            fh = self._spool_files.pop(shard)
-            tar_path = self._spool / f"{shard}.tar"
-            size, digest = _assemble(fh, [spans[i] for i in sorted(spans)], tar_path)
-            fh.close()
-            (self._spool / f"{shard}.part").unlink()
-            storage.put_file(storage.join(self.output, name), tar_path, s3=self.s3)
-            tar_path.unlink()
-            self.bytes_written += size
-            for row in rows:
-                if row["status"] == "ok":
-                    row["shard"] = name
-        state = ShardState(
-            index=shard, name=name, samples=len(spans), bytes=size, sha256=digest, rows=rows
-        )
-        storage.put_bytes(
-            state_uri(self.output, self.prefix, shard), json_bytes(state.to_json()), s3=self.s3
-        )
-        self.finished[shard] = ShardState(
-            index=shard, name=name, samples=len(spans), bytes=size, sha256=digest
-        )  # rows live in the state file
-        return state
-
-    def close(self) -> None:
-        """Drop the local spool (unfinished shards are redone by the next run)."""
-        for fh in self._spool_files.values():
-            fh.close()
-        shutil.rmtree(self._spool, ignore_errors=True)
-
-
-def _assemble(spool: BinaryIO, spans: list[tuple[int, int]], dest: Path) -> tuple[int, str]:
-    """Copy sample spans from `spool` into tar `dest` in order; returns (bytes, sha256)."""
+    name = shard_name(prefix, index)
+    rows: list[dict[str, Any]] = []
+    reasons: Counter[str] = Counter()
     digest = hashlib.sha256()
-    total = 0
-    with dest.open("wb") as out:
-        for offset, length in spans:
-            spool.seek(offset)
-            data = spool.read(length)
-            out.write(data)
-            digest.update(data)
-            total += length
-        tail = END_OF_ARCHIVE + archive_padding(total + len(END_OF_ARCHIVE))
-        out.write(tail)
-        digest.update(tail)
-        total += len(tail)
-    return total, digest.hexdigest()
+    size = samples = 0
+    with tempfile.TemporaryDirectory(prefix="gram-shard-", dir=spool_dir or None) as tmp:
+        tar_path = Path(tmp) / name
+        with tar_path.open("wb") as tar:
+            for result in results:
+                if result.sample:
+                    tar.write(result.sample)
+                    digest.update(result.sample)
+                    size += len(result.sample)
+                    samples += 1
+                    result.row["shard"] = name
+                else:
+                    reasons[result.row["reason"]] += 1
+                rows.append({n: result.row.get(n) for n, _ in MANIFEST_SCHEMA_FIELDS})
+            tail = END_OF_ARCHIVE + archive_padding(size + len(END_OF_ARCHIVE))
+            tar.write(tail)
+            digest.update(tail)
+        if samples:
+            storage.put_file(storage.join(output, name), tar_path, s3=s3)
+        part = Path(tmp) / "manifest.parquet"
+        pq.write_table(
+            pa.Table.from_pylist(rows, schema=manifest_schema()), part, compression="zstd"
+        )
+        storage.put_file(manifest_part_uri(output, prefix, index), part, s3=s3)
+    state = ShardState(
+        index=index,
+        name=name if samples else None,
+        inputs=len(rows),
+        ok=samples,
+        failed_by_reason=dict(sorted(reasons.items())),
+        samples=samples,
+        bytes=size + len(tail) if samples else 0,
+        sha256=digest.hexdigest() if samples else None,
+    )
+    storage.put_bytes(state_uri(output, prefix, index), json_bytes(state.to_json()), s3=s3)
+    return state
+
+
+def manifest_schema() -> Any:
+    """The pyarrow schema of the manifest (parts and the compacted file alike)."""
+    import pyarrow as pa
+
+    return pa.schema([pa.field(n, pa.type_for_alias(t)) for n, t in MANIFEST_SCHEMA_FIELDS])
 
 
 @dataclass
@@ -277,31 +285,44 @@ class Totals:
 def write_manifest(
     output: str,
     prefix: str,
-    shards: Iterable[int],
+    shards: Sequence[int],
     *,
     s3: S3Config | None,
     spool_dir: str | None = None,
+    io_threads: int = 8,
 ) -> tuple[str, Totals]:
-    """Write `manifest.parquet` from the state files of `shards` (ascending), one shard in
-    memory at a time; returns its URI and the totals."""
+    """Compact the manifest parts of `shards` (ascending) into `manifest.parquet` and
+    gather the totals from the shards' state files; returns its URI and the totals.
+
+    Parts are fetched a few ahead on `io_threads`; each shard's rows are one row group,
+    up to `MANIFEST_MAX_ROW_GROUPS` shards, and beyond that each row group takes the
+    same number of whole shards. The writer keeps the footer in memory until it closes
+    (~25 KB per row group, measured), so memory stays bounded: at most ~50 MB of footer
+    plus one row group, however many shards there are.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    schema = pa.schema([pa.field(n, pa.type_for_alias(t)) for n, t in MANIFEST_SCHEMA_FIELDS])
+    def fetch(index: int) -> tuple[ShardState, bytes]:
+        state = read_state(output, prefix, index, s3=s3)
+        return state, storage.read_bytes(manifest_part_uri(output, prefix, index), s3=s3)
+
     totals = Totals()
     reasons: Counter[str] = Counter()
     with tempfile.TemporaryDirectory(prefix="gram-manifest-", dir=spool_dir or None) as tmp:
         local = Path(tmp) / MANIFEST_FILE
-        with pq.ParquetWriter(local, schema, compression="zstd") as out:
-            for index in shards:
-                state = read_state(output, prefix, index, s3=s3)
-                rows = [{n: r.get(n) for n, _ in MANIFEST_SCHEMA_FIELDS} for r in state.rows]
-                out.write_table(pa.Table.from_pylist(rows, schema=schema))
-                for row in state.rows:
-                    if row["status"] == "ok":
-                        totals.ok += 1
-                    else:
-                        reasons[row["reason"]] += 1
+        with pq.ParquetWriter(local, manifest_schema(), compression="zstd") as out:
+            per_group = -(-len(shards) // MANIFEST_MAX_ROW_GROUPS)  # shards per row group
+            group: list[Any] = []
+            for state, part in storage.map_io(
+                fetch, shards, workers=io_threads, ahead=2 * io_threads
+            ):
+                group.append(pq.read_table(pa.BufferReader(part)))
+                if len(group) == per_group:
+                    _write_row_group(out, group)
+                    group = []
+                totals.ok += state.ok
+                reasons.update(state.failed_by_reason)
                 if state.name:
                     totals.shards.append(
                         {
@@ -311,11 +332,35 @@ def write_manifest(
                             "sha256": state.sha256,
                         }
                     )
+            if group:
+                _write_row_group(out, group)
         uri = storage.join(output, MANIFEST_FILE)
         storage.put_file(uri, local, s3=s3)
     totals.failed = sum(reasons.values())
     totals.failed_by_reason = dict(sorted(reasons.items()))
     return uri, totals
+
+
+def _write_row_group(writer: Any, tables: list[Any]) -> None:
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables)
+    writer.write_table(table, row_group_size=max(1, len(table)))
+
+
+def clear_staging(output: str, *, s3: S3Config | None, io_threads: int = 8) -> int:
+    """Delete what a job staged in the output for its tasks (normally nothing is left:
+    each task deletes its own inputs once its shard is committed); returns the count."""
+    folder = storage.join(output, STAGING_DIR)
+    try:
+        left = storage.list_files(folder, s3=s3)
+    except storage.StorageNotFoundError:
+        return 0
+    for _ in storage.map_io(lambda f: storage.delete(f.uri, s3=s3), left, workers=io_threads):
+        pass
+    if not storage.is_s3(folder):
+        shutil.rmtree(folder, ignore_errors=True)  # the empty folders
+    return len(left)
 
 
 def write_index(output: str, index: dict[str, Any], *, s3: S3Config | None) -> str:

@@ -27,22 +27,24 @@ leave a muddled audit trail. They serialise on this lock instead:
 
 Lease times are compared on the contenders' clocks: keep lease_seconds well
 above any clock skew between machines that promote (defaults: 120 s lease,
-30 s grace).
+30 s grace). The lease logic (take, wait, break, fence, release) is
+`pipelines.lease.Lease`; this module is where the record lives.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import random
-import secrets
-import socket
 import time
-from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
 
-from gram.config import ConfigError
+from pipelines.lease import (
+    Lease,
+    LeaseError,
+    LeaseHeldError,
+    LeaseLostError,
+    LeaseRecord,
+    LeaseTimes,
+)
 
 __all__ = ["LockConfig", "LockError", "LockLostError", "LockTimeoutError", "RegistryLock"]
 
@@ -52,95 +54,72 @@ OWNER_TAG = "gram.lock.owner"
 HOLDER_TAG = "gram.lock.holder"
 EXPIRES_TAG = "gram.lock.expires"
 PURPOSE_TAG = "gram.lock.purpose"
+PROCESS_TAG = "gram.lock.process"
 LOCK_SUFFIX = ".promotion-lock"
 
-
-class LockError(RuntimeError):
-    """The registry lock could not be taken or is no longer held."""
-
-
-class LockTimeoutError(LockError):
-    """Another holder kept the lock for longer than we were willing to wait."""
-
-
-class LockLostError(LockError):
-    """Our lease ran out (or the lock was broken) before the work was done."""
-
-
-@dataclass
-class LockConfig:
-    """The promotion lock.
-
-    lease_seconds: how long a holder may keep it before others may break it, s.
-    grace_seconds: extra time after expiry before breaking, s (clock skew, slow holders).
-    wait_seconds: how long to wait for a lock held by someone else, s.
-    margin_seconds: a holder stops writing when less than this is left of its lease, s.
-    """
-
-    lease_seconds: float = 120.0
-    grace_seconds: float = 30.0
-    wait_seconds: float = 300.0
-    margin_seconds: float = 15.0
-
-    def __post_init__(self) -> None:
-        if self.lease_seconds <= 0 or self.wait_seconds < 0 or self.grace_seconds < 0:
-            raise ConfigError("lock.lease_seconds must be > 0, wait/grace_seconds >= 0")
-        if not 0 <= self.margin_seconds < self.lease_seconds:
-            raise ConfigError("lock.margin_seconds must be in [0, lease_seconds)")
+LockError = LeaseError
+"""The registry lock could not be taken or is no longer held."""
+LockTimeoutError = LeaseHeldError
+"""Another holder kept the lock for longer than we were willing to wait."""
+LockLostError = LeaseLostError
+"""Our lease ran out (or the lock was broken) before the work was done."""
+LockConfig = LeaseTimes
+"""The promotion lock's times (`lock.*` keys): lease, grace, wait and margin seconds."""
 
 
 def _code(exc: BaseException) -> str:
     return str(getattr(exc, "error_code", ""))
 
 
-class RegistryLock:
-    """`with RegistryLock(client, "gram", purpose="promote 7"): ...` (see the module docstring).
+class _RegistryStore:
+    """The lease record as the tags of the registered model `name` (see the module docstring)."""
 
-    Args:
-        client: an `mlflow.MlflowClient` on the tracking/registry server.
-        model_name: the registered model the lock protects.
-        config: lease, grace, wait and margin times.
-        purpose: a short note stored on the lock (what the holder is doing).
-    """
-
-    def __init__(
-        self, client: Any, model_name: str, config: LockConfig | None = None, *, purpose: str = ""
-    ) -> None:
+    def __init__(self, client: Any, name: str, lease_seconds: float) -> None:
         self.client = client
-        self.name = f"{model_name}{LOCK_SUFFIX}"
-        self.config = config or LockConfig()
-        self.purpose = purpose[:200]
-        self.token = secrets.token_hex(8)
-        self.holder = f"{socket.gethostname()}:{os.getpid()}"
-        self.expires = 0.0
-        self.waited = 0.0
+        self.name = name
+        self.lease_seconds = lease_seconds
 
-    def _tags(self, expires: float) -> dict[str, str]:
+    @staticmethod
+    def _tags(record: LeaseRecord) -> dict[str, str]:
         return {
-            OWNER_TAG: self.token,
-            HOLDER_TAG: self.holder,
-            EXPIRES_TAG: f"{expires:.3f}",
-            PURPOSE_TAG: self.purpose,
+            OWNER_TAG: record.owner,
+            HOLDER_TAG: record.holder,
+            EXPIRES_TAG: f"{record.expires:.3f}",
+            PURPOSE_TAG: record.purpose,
+            PROCESS_TAG: record.process,
         }
 
-    def _read(self) -> Any | None:
+    def _stale_deadline(self, model: Any) -> float:
+        # Created by hand or half-written: judge by its last update, as if taken then.
+        started = (model.last_updated_timestamp or model.creation_timestamp or 0) / 1000
+        return float(started) + self.lease_seconds
+
+    def read(self) -> LeaseRecord | None:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_registered_model(self.name)
+            model = self.client.get_registered_model(self.name)
         except MlflowException as exc:
             if _code(exc) == "RESOURCE_DOES_NOT_EXIST":
                 return None
             raise
+        tags = model.tags
+        expires = tags.get(EXPIRES_TAG)
+        return LeaseRecord(
+            owner=tags.get(OWNER_TAG) or f"unowned-{model.creation_timestamp}",
+            holder=tags.get(HOLDER_TAG, "?"),
+            expires=float(expires) if expires is not None else self._stale_deadline(model),
+            purpose=tags.get(PURPOSE_TAG, ""),
+            process=tags.get(PROCESS_TAG, ""),
+        )
 
-    def _create(self) -> bool:
+    def create(self, record: LeaseRecord) -> LeaseRecord | None:
         from mlflow.exceptions import MlflowException
 
-        expires = time.time() + self.config.lease_seconds
         try:
             self.client.create_registered_model(
                 self.name,
-                tags=self._tags(expires),
+                tags=self._tags(record),
                 description=(
                     f"Promotion lock of {self.name.removesuffix(LOCK_SUFFIX)!r} "
                     "(gram-ray, jobs/registry/lock.py). Deleted by its holder when done; "
@@ -154,115 +133,68 @@ class RegistryLock:
             # 2% of the attempts of two processes taking and releasing the lock in a loop).
             if _code(exc) not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
-            # An HTTP retry of our own successful create also lands here: check the owner.
-            current = self._read()
-            if current is None or current.tags.get(OWNER_TAG) != self.token:
-                return False
-            expires = float(current.tags[EXPIRES_TAG])
-        self.expires = expires
-        return True
+            return None
+        return record
 
-    def _stale(self, lock: Any) -> bool:
-        expires = lock.tags.get(EXPIRES_TAG)
-        if expires is None:  # created by hand or half-written: judge by its last update
-            started = (lock.last_updated_timestamp or lock.creation_timestamp or 0) / 1000
-            deadline = started + self.config.lease_seconds
-        else:
-            deadline = float(expires)
-        return time.time() > deadline + self.config.grace_seconds
-
-    def _break(self, lock: Any) -> None:
+    def break_stale(self, stale: LeaseRecord, breaker: str) -> bool:
         from mlflow.exceptions import MlflowException
 
-        owner = lock.tags.get(OWNER_TAG) or f"unowned-{lock.creation_timestamp}"
-        target = f"{self.name}.broken-{owner}"
+        target = f"{self.name}.broken-{stale.owner}"
         try:
             self.client.rename_registered_model(self.name, target)
         except MlflowException as exc:
             log.info("another contender broke or replaced the stale lock first (%s)", _code(exc))
-            return
+            return False
         self.client.set_registered_model_tag(
-            target, "gram.lock.broken_by", f"{self.holder} at {time.time():.0f}"
+            target, "gram.lock.broken_by", f"{breaker} at {time.time():.0f}"
         )
-        log.warning(
-            "broke the stale promotion lock of %s (held by %s, lease expired at %s); "
-            "kept as %r for the record",
-            lock.tags.get(HOLDER_TAG, "?"),
-            self.name,
-            lock.tags.get(EXPIRES_TAG, "?"),
-            target,
-        )
+        log.warning("the stale promotion lock is kept as %r for the record", target)
+        return True
 
-    def acquire(self) -> RegistryLock:
-        """Take the lock, waiting up to `wait_seconds`; raises LockTimeoutError."""
-        start = time.monotonic()
-        deadline = start + self.config.wait_seconds
-        delay = 0.1
-        announced = False
-        while True:
-            if self._create():
-                self.waited = time.monotonic() - start
-                log.info("promotion lock %s taken by %s", self.name, self.holder)
-                return self
-            current = self._read()
-            if current is not None and self._stale(current):
-                self._break(current)
-                continue
-            if current is not None and not announced:
-                announced = True
-                log.info(
-                    "waiting for the promotion lock %s, held by %s (lease until %s)",
-                    self.name,
-                    current.tags.get(HOLDER_TAG, "?"),
-                    current.tags.get(EXPIRES_TAG, "?"),
-                )
-            if time.monotonic() > deadline:
-                holder = current.tags.get(HOLDER_TAG, "?") if current is not None else "?"
-                expires = current.tags.get(EXPIRES_TAG, "?") if current is not None else "?"
-                raise LockTimeoutError(
-                    f"the promotion lock {self.name!r} is held by {holder} (lease until "
-                    f"{expires}, Unix time); waited {self.config.wait_seconds:.0f} s. Retry "
-                    "later, raise lock.wait_seconds, or, if that holder is certainly gone, "
-                    f"delete the registered model {self.name!r}"
-                )
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 1.5, 1.0)
+    def renew(self, record: LeaseRecord, expires: float) -> LeaseRecord | None:
+        current = self.read()
+        if current is None or current.owner != record.owner:
+            return None
+        self.client.set_registered_model_tag(self.name, EXPIRES_TAG, f"{expires:.3f}")
+        return LeaseRecord(**{**record.__dict__, "expires": expires})
 
-    def check(self) -> None:
-        """Raise LockLostError unless we still hold the lock with `margin_seconds` to spare."""
-        left = self.expires - time.time()
-        if left < self.config.margin_seconds:
-            raise LockLostError(
-                f"only {left:.1f} s left of the lease on {self.name!r}: stopping before any "
-                "write (raise lock.lease_seconds if the registry is slow)"
-            )
-        current = self._read()
-        if current is None or current.tags.get(OWNER_TAG) != self.token:
-            raise LockLostError(f"the lock {self.name!r} is no longer ours: it was broken")
-
-    def release(self) -> None:
-        """Delete the lock if it is still ours; an expired lease is left for others to break."""
-        if self.expires - time.time() < self.config.margin_seconds:
-            log.warning("lease on %s ran out before release; leaving it to expire", self.name)
-            return
+    def delete(self, record: LeaseRecord) -> None:
         from mlflow.exceptions import MlflowException
 
-        current = self._read()
-        if current is not None and current.tags.get(OWNER_TAG) == self.token:
-            try:
-                self.client.delete_registered_model(self.name)
-            except MlflowException as exc:  # an HTTP retry of a delete that went through
-                if _code(exc) != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-        self.expires = 0.0
+        try:
+            self.client.delete_registered_model(self.name)
+        except MlflowException as exc:  # an HTTP retry of a delete that went through
+            if _code(exc) != "RESOURCE_DOES_NOT_EXIST":
+                raise
 
-    def __enter__(self) -> RegistryLock:
-        return self.acquire()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
+class RegistryLock(Lease):
+    """`with RegistryLock(client, "gram", purpose="promote 7"): ...` (see the module docstring).
+
+    Args:
+        client: an `mlflow.MlflowClient` on the tracking/registry server.
+        model_name: the registered model the lock protects.
+        config: lease, grace, wait and margin times.
+        purpose: a short note stored on the lock (what the holder is doing).
+    """
+
+    def __init__(
+        self, client: Any, model_name: str, config: LockConfig | None = None, *, purpose: str = ""
     ) -> None:
-        self.release()
+        self.name = f"{model_name}{LOCK_SUFFIX}"
+        config = config or LockConfig()
+        super().__init__(
+            _RegistryStore(client, self.name, config.lease_seconds),
+            config,
+            what=f"the promotion lock {self.name!r}",
+            purpose=purpose,
+            how_to_clear=(
+                "raise lock.wait_seconds, or, if that holder is certainly gone, "
+                f"delete the registered model {self.name!r}"
+            ),
+        )
+
+    @property
+    def config(self) -> LockConfig:
+        """The lock's times."""
+        return self.times

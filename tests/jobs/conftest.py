@@ -20,7 +20,7 @@ from gram.steps import OptimConfig, build_optimizer, cosine_schedule, train_step
 from gram.synthetic import SyntheticClips
 from jobs.train import TrainConfig
 from jobs.training.checkpoints import Progress, save_checkpoint_dir
-from pipelines.sample_shards import write_sample_shards
+from pipelines.samples_to_shards import write_sample_shards
 
 EVAL_CLIPS = 36
 SYNTHETIC_CLASSES = [

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from gram.synthetic import SyntheticClips
-from pipelines.sample_shards import write_sample_shards
+from pipelines.samples_to_shards import write_sample_shards
 from pipelines.synthetic import ClipSpec, make_clip, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]

@@ -10,15 +10,17 @@ import sys
 import tarfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from gram.config import ConfigError, load_config
 from jobs.preprocess import main
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import InputItem
-from pipelines.preprocess import preprocess, serial_executor
-from pipelines.shards import END_OF_ARCHIVE, sample_bytes
+from pipelines.preprocess import preprocess
+from pipelines.shard_task import local_executor
 from pipelines.stages import build_stages, process_item
+from pipelines.tar_format import END_OF_ARCHIVE, sample_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -95,7 +97,7 @@ def test_per_clip_timeout_fails_the_clip_not_the_run(media_dir):
     assert result.sample == b""
 
 
-def test_serial_run_writes_the_same_shards_as_its_rerun(media_dir, tmp_path):
+def test_local_run_writes_the_same_shards_as_its_rerun(media_dir, tmp_path):
     rows = [
         {"id": f"c{n}", "video": str(media_dir[name].path), "captions": [name]}
         for n, name in enumerate(["h264_aac.mp4", "short.mp4", "broken_text.mp4"])
@@ -103,16 +105,17 @@ def test_serial_run_writes_the_same_shards_as_its_rerun(media_dir, tmp_path):
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = PreprocessConfig(input=str(tmp_path / "m.jsonl"), output=str(tmp_path / "a"))
     cfg.shards.samples_per_shard = 2
-    first = preprocess(cfg, serial_executor(cfg))
+    first = preprocess(cfg, local_executor(cfg))
     assert (first.ok, first.failed, first.shards) == (2, 1, 1)
     cfg.output = str(tmp_path / "b")
-    preprocess(cfg, serial_executor(cfg))
+    preprocess(cfg, local_executor(cfg))
     for name in ("shard-000000.tar", "index.json", "manifest.parquet"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert not (tmp_path / "a" / "shard-000001.tar").exists()  # its only input failed
     state = json.loads((tmp_path / "a" / "_state" / "shard-000001.json").read_text())
-    assert state["name"] is None
-    assert state["rows"][0]["reason"] == "unreadable"
+    assert (state["name"], state["failed_by_reason"]) == (None, {"unreadable": 1})
+    part = pq.read_table(tmp_path / "a" / "manifest" / "shard-000001.parquet").to_pylist()
+    assert [(r["id"], r["reason"]) for r in part] == [("c2", "unreadable")]
 
 
 def test_sample_bytes_are_a_valid_deterministic_tar():

@@ -1,4 +1,7 @@
-"""SIGKILL a real `python -m jobs.preprocess` run at random points, rerun, compare byte for byte."""
+"""SIGKILL a real `python -m jobs.preprocess` run at random points, rerun, compare byte for byte.
+
+The killed runs write their shards from Ray tasks; the reference and the final rerun run in
+this process (`execution.mode=local`): shards of both kinds make the same output."""
 
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 CLIPS = 12
 OVERRIDES = [
     "shards.samples_per_shard=2",
-    "execution.clips_per_task=1",
+    "execution.mode=ray",
+    "execution.max_tasks_in_flight=2",
     "execution.progress_interval_s=1",
 ]
 
@@ -57,8 +61,7 @@ def _tree(root: Path) -> dict[str, bytes]:
 def _config(inputs: Path, out: Path) -> PreprocessConfig:
     cfg = PreprocessConfig(input=str(inputs), output=str(out))
     cfg.shards.samples_per_shard = 2
-    cfg.execution.clips_per_task = 1
-    cfg.execution.clips_per_dataset = 5  # several datasets; the killed runs use one
+    cfg.execution.mode = "local"
     return cfg
 
 

@@ -127,7 +127,8 @@ def test_outage_mid_run_is_survived_and_output_is_unchanged(
     def config(output: str, s3: S3Config) -> PreprocessConfig:
         cfg = PreprocessConfig(input=f"s3://{bucket}/in/m.jsonl", output=output, s3=s3)
         cfg.shards.samples_per_shard = 2
-        cfg.execution.clips_per_task = 1
+        cfg.execution.mode = "ray"  # shard tasks write to the store through the outage
+        cfg.execution.max_tasks_in_flight = 2
         return cfg
 
     run(config(f"s3://{bucket}/reference", direct))

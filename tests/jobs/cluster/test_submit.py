@@ -489,9 +489,11 @@ def test_real_preprocessing_job_writes_shards_to_s3(ray_cluster, s3_server, tmp_
         "--forward-secret", "AWS_ACCESS_KEY_ID",
         "--forward-secret", "AWS_SECRET_ACCESS_KEY",
         "--", "--input", f"s3://{bucket}/raw/", "--output", f"s3://{bucket}/shards/",
+        "execution.mode=ray",  # shard tasks on the cluster, joined from the submitted driver
         env=env,
     )  # fmt: skip
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "ray)" in res.stdout + res.stderr  # the summary names where the shards ran
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]}
     assert {"shards/index.json", "shards/manifest.parquet"} <= keys
     assert any(k.startswith("shards/") and k.endswith(".tar") for k in keys)

@@ -21,7 +21,7 @@ from gram.synthetic import SyntheticClips
 from gram.weights import load_checkpoint
 from jobs.evaluation.embedding import ParallelConfig
 from jobs.evaluation.scoring import ClassificationConfig, EvalConfig, ModelFiles, evaluate_files
-from pipelines.sample_shards import write_sample_shards
+from pipelines.samples_to_shards import write_sample_shards
 from pipelines.storage import S3Config
 from tests.jobs.conftest import EVAL_CLIPS, SYNTHETIC_CLASSES, checkpoint_of_run, training_run
 

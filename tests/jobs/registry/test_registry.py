@@ -33,9 +33,9 @@ from jobs import promote, register
 from jobs.registry.lock import LockConfig, RegistryLock
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import InputItem
-from pipelines.sample_shards import write_sample_shards
-from pipelines.shards import END_OF_ARCHIVE
+from pipelines.samples_to_shards import write_sample_shards
 from pipelines.stages import build_stages, process_item
+from pipelines.tar_format import END_OF_ARCHIVE
 from tests.jobs.conftest import EVAL_CLIPS, SYNTHETIC_CLASSES, checkpoint_of_run, training_run
 from tests.support.services import MlflowServer, free_port, wait_for_http
 

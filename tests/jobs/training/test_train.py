@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from gram.synthetic import SyntheticClips
-from pipelines.sample_shards import write_sample_shards
+from pipelines.samples_to_shards import write_sample_shards
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "jobs" / "configs" / "train.yaml"

@@ -19,8 +19,14 @@ from typing import Any
 from gram.schema import SCHEMA_VERSION
 from pipelines import storage
 from pipelines.index import INDEX_FILE
-from pipelines.shards import END_OF_ARCHIVE, archive_padding, json_bytes, sample_bytes, shard_name
 from pipelines.storage import S3Config
+from pipelines.tar_format import (
+    END_OF_ARCHIVE,
+    archive_padding,
+    json_bytes,
+    sample_bytes,
+    shard_name,
+)
 
 __all__ = ["write_sample_shards"]
 
