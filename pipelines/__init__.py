@@ -7,5 +7,5 @@ Media operations (`media`), input reading (`inputs`), shard writing
 `ray_exec` only.
 """
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 """Bumped whenever a change alters shard bytes for the same input and config."""
