@@ -9,7 +9,7 @@
 Probing reads the container's headers in process with PyAV (FFmpeg's own
 demuxers, ~1-2 ms a clip instead of ~60-90 ms of CPU to start an ffprobe).
 Decoding runs `ffmpeg_exe()`: the static build that the imageio-ffmpeg wheel
-ships (its start-up costs ~0.01 s of CPU against ~0.09 s for a distribution's
+ships (its start-up costs ~0.01 s of CPU against ~0.06-0.09 s for a distribution's
 dynamically linked build), `$GRAM_FFMPEG` to choose another one. ffmpeg
 always gets an argument list (never a shell, so any file name is safe), reads
 the media from a seekable local path (never a whole mp4 through stdin: files
@@ -64,7 +64,7 @@ __all__ = [
 FFMPEG_ENV = "GRAM_FFMPEG"
 """Environment variable naming the ffmpeg binary to decode with (a path or a name on PATH)."""
 
-# Demuxers that mean "a still image", not a video, even when ffprobe reports a video stream.
+# Demuxers that mean "a still image", not a video, even though they report a video stream.
 _IMAGE_FORMATS = {
     "image2",
     "png_pipe",

@@ -110,6 +110,19 @@ def test_one_pass_and_seeking_decode_give_the_same_frames(media_dir):
     assert one_pass == seeking
 
 
+def test_video_track_shorter_than_the_audio_is_sampled_where_there_is_video(tmp_path):
+    clip = tmp_path / "short_video.mp4"
+    lavfi = ["-f", "lavfi", "-i"]
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", *lavfi, "testsrc2=size=160x120:rate=10:duration=2",
+         *lavfi, "sine=duration=5", "-c:v", "libx264", "-c:a", "aac", str(clip)],
+        check=True,
+    )  # fmt: skip
+    info = media.probe(str(clip), timeout_s=30)
+    assert info.duration == pytest.approx(2.0, abs=0.05)  # the container says 5 s
+    assert len(set(_frames(clip, info))) == 8
+
+
 def test_clip_shorter_than_the_frame_count_repeats_frames(media_dir):
     info = media.probe(str(media_dir["short.mp4"].path), timeout_s=30)  # 3 frames at 10 fps
     frames = _frames(media_dir["short.mp4"].path, info)
