@@ -339,6 +339,7 @@ def child(args: argparse.Namespace) -> None:
         summary = preprocess(cfg, ray_executor(cfg))
         seconds = time.perf_counter() - start
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     print(
         json.dumps(
             {
