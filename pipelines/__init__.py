@@ -8,5 +8,5 @@ the output lease (`lease`) and storage (`storage`) are plain Python; Ray lives
 in `ray_adapter` only.
 """
 
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 """Bumped whenever a change alters shard bytes for the same input and config."""

@@ -121,7 +121,8 @@ class FetchStage:
 
 @dataclass
 class ProbeStage:
-    """ffprobe the video; choose the frame times."""
+    """Read the video's duration, frame rate, size and rotation (in process); choose the frame
+    times."""
 
     num_segments: int
     frames_per_segment: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +77,10 @@ def test_frame_times_are_segment_midpoints_inside_the_clip():
         media.frame_times(0.0, 8)
 
 
+def _pixels(jpg):
+    return np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=float)  # [H, W, 3]
+
+
 def _halves(jpg):
     rgb = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"), dtype=float)  # [H, W, 3]
     left, right = rgb[:, :100].mean((0, 1)), rgb[:, 124:].mean((0, 1))
@@ -103,6 +108,19 @@ def test_one_pass_and_seeking_decode_give_the_same_frames(media_dir):
     one_pass = _frames(path, info, seek_above_s=1e9)
     seeking = _frames(path, info, seek_above_s=0.0)
     assert one_pass == seeking
+
+
+def test_video_track_shorter_than_the_audio_is_sampled_where_there_is_video(tmp_path):
+    clip = tmp_path / "short_video.mp4"
+    lavfi = ["-f", "lavfi", "-i"]
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-v", "error", *lavfi, "testsrc2=size=160x120:rate=10:duration=2",
+         *lavfi, "sine=duration=5", "-c:v", "libx264", "-c:a", "aac", str(clip)],
+        check=True,
+    )  # fmt: skip
+    info = media.probe(str(clip), timeout_s=30)
+    assert info.duration == pytest.approx(2.0, abs=0.05)  # the container says 5 s
+    assert len(set(_frames(clip, info))) == 8
 
 
 def test_clip_shorter_than_the_frame_count_repeats_frames(media_dir):
@@ -184,18 +202,16 @@ def test_audio_is_16k_mono_and_exactly_as_long_as_asked(media_dir, name):
     assert not padded[-4000:].any()
 
 
-def test_separate_audio_files_are_checked_in_process_or_by_ffprobe(
-    media_dir, tmp_path, monkeypatch
-):
+def test_separate_audio_files_are_checked_in_process(media_dir, tmp_path, monkeypatch):
     tone = (np.sin(np.arange(8000) / 3.0) * 9000).astype(np.int16)
     with monkeypatch.context() as no_tools:
-        no_tools.setenv("PATH", str(tmp_path))  # no ffprobe to start: libsndfile must answer
+        no_tools.setenv("PATH", str(tmp_path))  # no program can be started: all in process
         for name in ("sep.wav", "sep.flac"):
             soundfile.write(tmp_path / name, tone, SAMPLE_RATE)
             assert media.has_audio_stream(str(tmp_path / name), timeout_s=30)
-    # Containers libsndfile does not read go to ffprobe: with and without an audio track.
-    assert media.has_audio_stream(str(media_dir["h264_aac.mp4"].path), timeout_s=30)
-    assert not media.has_audio_stream(str(media_dir["h264_noaudio.mp4"].path), timeout_s=30)
+        # Containers libsndfile does not read go to FFmpeg's demuxers: with and without audio.
+        assert media.has_audio_stream(str(media_dir["h264_aac.mp4"].path), timeout_s=30)
+        assert not media.has_audio_stream(str(media_dir["h264_noaudio.mp4"].path), timeout_s=30)
     with pytest.raises(MediaError) as err:
         media.has_audio_stream(str(media_dir["broken_text.mp4"].path), timeout_s=30)
     assert err.value.reason == "unreadable"
@@ -245,12 +261,77 @@ def test_timeout_kills_the_process_and_its_children(tmp_path):
         pytest.fail("the child of the timed-out process is still alive")
 
 
-def test_ffprobe_hanging_on_a_fifo_is_killed(tmp_path):
+def test_a_fifo_is_refused_at_once_instead_of_blocking_the_probe(tmp_path):
     fifo = tmp_path / "hang.mp4"
-    os.mkfifo(fifo)  # nobody writes: ffprobe blocks opening it
+    os.mkfifo(fifo)  # nobody writes: opening it would block the worker
+    start = time.monotonic()
     with pytest.raises(MediaError) as err:
-        media.probe(str(fifo), timeout_s=1.0)
+        media.probe(str(fifo), timeout_s=30.0)
+    assert err.value.reason == "not_a_file"
+    assert time.monotonic() - start < 5
+
+
+def test_probe_past_its_deadline_is_a_timeout_not_a_bad_file(media_dir):
+    # FFmpeg's interrupt callback stops the read; whatever error the demuxer then
+    # reports, the clip is recorded as timed out.
+    with pytest.raises(MediaError) as err:
+        media.probe(str(media_dir["long.mp4"].path), timeout_s=1e-6)
     assert err.value.reason == "timeout"
+    assert media.probe(str(media_dir["long.mp4"].path), timeout_s=30).duration > 0
+
+
+def test_missing_file_is_unreadable(tmp_path):
+    with pytest.raises(MediaError) as err:
+        media.probe(str(tmp_path / "gone.mp4"), timeout_s=30)
+    assert err.value.reason == "unreadable"
+
+
+@pytest.fixture
+def fresh_ffmpeg_exe():
+    """`ffmpeg_exe()` resolved anew in the test and again afterwards."""
+    media.ffmpeg_exe.cache_clear()
+    yield media.ffmpeg_exe
+    media.ffmpeg_exe.cache_clear()
+
+
+def test_decoding_uses_the_static_ffmpeg_of_the_wheel_by_default(fresh_ffmpeg_exe, monkeypatch):
+    import imageio_ffmpeg
+
+    monkeypatch.delenv(media.FFMPEG_ENV, raising=False)
+    exe = fresh_ffmpeg_exe()
+    assert exe == imageio_ffmpeg.get_ffmpeg_exe()
+    assert exe != shutil.which("ffmpeg")
+    version = subprocess.run([exe, "-version"], capture_output=True, text=True, check=True)
+    assert version.stdout.startswith("ffmpeg version")
+
+
+def test_gram_ffmpeg_chooses_the_binary_and_a_wrong_one_is_a_clear_failure(
+    fresh_ffmpeg_exe, media_dir, tmp_path, monkeypatch
+):
+    path = str(media_dir["h264_aac.mp4"].path)
+    info = media.probe(path, timeout_s=30)
+    monkeypatch.setenv(media.FFMPEG_ENV, "ffmpeg")  # the system's build, from PATH
+    assert fresh_ffmpeg_exe() == shutil.which("ffmpeg")
+    system = [_pixels(jpg) for jpg in _frames(path, info)]
+    media.ffmpeg_exe.cache_clear()
+    monkeypatch.delenv(media.FFMPEG_ENV)
+    static = [_pixels(jpg) for jpg in _frames(path, info)]
+    assert len(static) == len(system) == 8
+    for a, b in zip(static, system, strict=True):  # two FFmpeg versions, the same frames
+        assert np.abs(a - b).mean() < 2.0
+    media.ffmpeg_exe.cache_clear()
+    monkeypatch.setenv(media.FFMPEG_ENV, str(tmp_path / "no-such-ffmpeg"))
+    with pytest.raises(MediaError) as err:
+        _frames(path, info)
+    assert err.value.reason == "no_ffmpeg"
+    assert media.FFMPEG_ENV in err.value.message
+
+
+def test_ffmpeg_errors_name_the_program_not_the_binary_file(media_dir):
+    with pytest.raises(MediaError) as err:
+        media.extract_audio(str(media_dir["h264_noaudio.mp4"].path), num_samples=100, timeout_s=30)
+    assert err.value.reason == "decode_failed"
+    assert err.value.message.startswith("audio: ffmpeg: ")
 
 
 @pytest.mark.parametrize("seek_above_s", [1e9, 0.0])
