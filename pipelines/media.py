@@ -12,6 +12,9 @@ through stdin: files with the index at the end fail that way), run in their
 own process group, and are killed with their children when `timeout_s`
 passes. Every failure is a `MediaError` with a short `reason` code for
 counting and a message for people.
+
+`input_options` (probe, decode_clip, extract_audio) are ffmpeg/ffprobe options put
+before every input, e.g. `{"protocol_whitelist": "file,pipe"}` for untrusted files.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import os
 import signal
 import subprocess
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,17 +173,23 @@ def _rotation(stream: dict[str, Any]) -> int:
     return int(round(angle / 90.0) * 90) % 360
 
 
-def probe(path: str, *, timeout_s: float) -> ProbeInfo:
+def _option_args(options: Mapping[str, str] | None) -> list[str]:
+    return [arg for k, v in (options or {}).items() for arg in (f"-{k}", str(v))]
+
+
+def probe(
+    path: str, *, timeout_s: float, input_options: Mapping[str, str] | None = None
+) -> ProbeInfo:
     """Probe a local media file: duration, fps, displayed size, rotation, audio presence.
 
     Raises MediaError with reason `unreadable` (not a media file or
     truncated), `not_a_video` (a still image), `no_video` (audio only) or
     `no_duration`.
     """
+    ffprobe = ["ffprobe", "-v", "error", *_option_args(input_options)]
     try:
         out = run_command(
-            ["ffprobe", "-v", "error", "-show_format", "-show_streams", "-of", "json", path],
-            timeout_s=timeout_s,
+            [*ffprobe, "-show_format", "-show_streams", "-of", "json", path], timeout_s=timeout_s
         )
     except MediaError as exc:
         if exc.reason == "ffmpeg_failed":
@@ -341,6 +351,7 @@ def decode_clip(
     audio_from: str | None = None,
     audio_samples: int = 0,
     workdir: str | None = None,
+    input_options: Mapping[str, str] | None = None,
 ) -> Decoded:
     """JPEG frames (RGB, `size` x `size`) shown at ascending `times` seconds, and
     optionally the audio of `audio_from` (the clip or a separate file), in one ffmpeg run.
@@ -365,15 +376,17 @@ def decode_clip(
     query = [round(max(0.0, t - shift), 6) for t in times]
     unique = sorted(set(query))  # equal times (very short clips) decode once
     with tempfile.TemporaryDirectory(prefix="gram-audio-", dir=workdir) as tmp:
-        audio = _AudioOut(audio_from, audio_samples, os.path.join(tmp, "audio.s16le"))
+        opts = dict(input_options or {})
+        audio = _AudioOut(audio_from, audio_samples, os.path.join(tmp, "audio.s16le"), opts)
         frames: list[bytes] | None = None
         if 0 < duration <= seek_above_s:
             args = _finish(
-                _one_pass(path, unique, size, threads), len(unique), audio, path, threads
+                _one_pass(path, unique, size, threads, opts), len(unique), audio, path, threads
             )
             frames = _decode_frames(args, len(unique), size, quality, timeout_s, allow_short=True)
         if frames is None:
-            args = _finish(_seeking(path, unique, size, threads), len(unique), audio, None, threads)
+            graph = _seeking(path, unique, size, threads, opts)
+            args = _finish(graph, len(unique), audio, None, threads)
             frames = _decode_frames(args, len(unique), size, quality, timeout_s, allow_short=False)
         if frames is None:  # pragma: no cover (allow_short=False raises instead)
             raise MediaError("decode_failed", "no frames decoded")
@@ -386,9 +399,10 @@ class _AudioOut:
     source: str | None
     samples: int
     file: str
+    options: dict[str, str]
 
     def output(self, same_input: Any) -> Any:
-        inp = same_input if same_input is not None else ffmpeg.input(self.source)
+        inp = same_input if same_input is not None else ffmpeg.input(self.source, **self.options)
         seconds = self.samples / SAMPLE_RATE + 0.5  # a margin, then trim exactly
         return inp["a:0"].output(
             self.file, format="s16le", acodec="pcm_s16le", ac=1, ar=SAMPLE_RATE, t=f"{seconds:.3f}"
@@ -438,18 +452,22 @@ def _finish(
     )
 
 
-def _one_pass(path: str, times: list[float], size: int, threads: int) -> tuple[Any, Any]:
+def _one_pass(
+    path: str, times: list[float], size: int, threads: int, options: dict[str, str]
+) -> tuple[Any, Any]:
     # Select the first frame at/after each time: t >= T_k while the last selected frame is < T_k.
     terms = [f"gte(t,{times[0]:.6f})*isnan(prev_selected_t)"]
     terms += [f"gte(t,{t:.6f})*lt(prev_selected_t,{t:.6f})" for t in times[1:]]
-    inp = ffmpeg.input(path, threads=threads)
+    inp = ffmpeg.input(path, threads=threads, **options)
     return _resize_crop(inp.video.filter("select", "+".join(terms)), size), inp
 
 
-def _seeking(path: str, times: list[float], size: int, threads: int) -> tuple[Any, Any]:
+def _seeking(
+    path: str, times: list[float], size: int, threads: int, options: dict[str, str]
+) -> tuple[Any, Any]:
     branches = []
     for t in times:
-        stream = ffmpeg.input(path, ss=f"{t:.6f}", threads=threads).video
+        stream = ffmpeg.input(path, ss=f"{t:.6f}", threads=threads, **options).video
         branches.append(_resize_crop(stream.trim(end_frame=1).setpts("PTS-STARTPTS"), size))
     joined = branches[0] if len(branches) == 1 else ffmpeg.concat(*branches, v=1, a=0)
     return joined, None
@@ -490,7 +508,13 @@ def audio_length(duration: float, max_seconds: float) -> int:
     return round(min(duration, max_seconds) * SAMPLE_RATE)
 
 
-def extract_audio(path: str, *, num_samples: int, timeout_s: float = 120.0) -> np.ndarray:
+def extract_audio(
+    path: str,
+    *,
+    num_samples: int,
+    timeout_s: float = 120.0,
+    input_options: Mapping[str, str] | None = None,
+) -> np.ndarray:
     """The first audio stream as 16 kHz mono int16, exactly `num_samples` long.
 
     Decoded audio is trimmed (AAC priming and rounding make it a few hundred
@@ -499,7 +523,7 @@ def extract_audio(path: str, *, num_samples: int, timeout_s: float = 120.0) -> n
     """
     seconds = num_samples / SAMPLE_RATE + 0.5  # a margin, then trim exactly
     args = (
-        ffmpeg.input(path)
+        ffmpeg.input(path, **dict(input_options or {}))
         .output(
             "pipe:",
             format="s16le",
