@@ -274,9 +274,11 @@ def _signature(names: list[str]) -> Any:
 
 
 def _stage_code(workdir: Path) -> list[str]:
-    """Clean copies of the gram/ and pipelines/ packages this process runs (shipped as code)."""
+    """Clean copies of the gram/ and pipelines/ packages this process runs, and of the
+    served-input admission module as `jobs.served_inputs` (shipped as code)."""
     import gram
     import pipelines
+    from jobs import served_inputs
 
     out = []
     for package in (gram, pipelines):
@@ -284,6 +286,11 @@ def _stage_code(workdir: Path) -> list[str]:
         target = workdir / "code" / source.name
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         out.append(str(target))
+    jobs_code = workdir / "code" / "jobs"
+    jobs_code.mkdir(parents=True)
+    (jobs_code / "__init__.py").write_text('"""What a served model needs of `jobs`."""\n')
+    shutil.copyfile(str(served_inputs.__file__), jobs_code / "served_inputs.py")
+    out.append(str(jobs_code))
     return out
 
 
