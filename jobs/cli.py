@@ -2,6 +2,7 @@
 
     gram demo                                   # the whole pipeline on this machine
     gram preprocess --input clips.jsonl --output shards/
+    gram inspect shards/ [--samples 12 --out sheet.png]
     gram train --config jobs/configs/train.yaml data.train=shards/
     gram evaluate ... | gram register ... | gram promote ... | gram rollback ...
     gram submit train --address http://HEAD:8265 --config ... --wait
@@ -25,6 +26,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("jobs.demo", "generate clips, preprocess, train, evaluate, register, promote"),
     "preprocess": ("jobs.preprocess", "clips in local/S3 storage -> WebDataset shards"),
+    "inspect": ("jobs.inspect", "look at shards: status summary, or a contact sheet PNG"),
     "train": ("jobs.train", "GRAM training on Ray Train with global negatives"),
     "evaluate": ("jobs.evaluate", "retrieval + zero-shot classification of a model"),
     "register": ("jobs.register", "log a checkpoint as an MLflow pyfunc model version"),
