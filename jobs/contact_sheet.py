@@ -31,7 +31,6 @@ from typing import Any, Protocol
 import numpy as np
 import soundfile
 import torch
-from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
@@ -64,7 +63,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_STRIP_FRAMES = 8
-_THUMB = 96  # strip height, pixels
+_DPI = 100
+_ROW, _GAP, _TITLE = 96, 12, 30  # row height, gap between rows, title band: pixels
+_STRIP_MIN, _STRIP_MAX = 400, 1100  # width of the frame column, pixels
+_SPEC_WIDTH, _TEXT_WIDTH = 320, 560  # spectrogram and text columns, pixels
 _MAX_PIXELS = 4096 * 4096  # larger frames are not decoded (decompression bombs)
 _SPEC_RANGE = (-2.5, 1.5)  # normalised log-mel values shown, dark to bright
 _OK, _FAILED, _MATCH = "tab:green", "tab:red", "tab:green"
@@ -204,19 +206,23 @@ def first_batch_sheet(batch: Mapping[str, Any], folder: Path, limit: int = 8) ->
         return None
 
 
-def _strip(frames: Sequence[np.ndarray]) -> np.ndarray:
-    """Frames scaled to one height, side by side with 2 px gaps. -> [H, W, 3] uint8."""
+def _strip(frames: Sequence[np.ndarray], max_width: int) -> np.ndarray:
+    """Frames scaled to `_ROW` pixels high, side by side with 2 px gaps, the whole strip
+    shrunk to at most `max_width` pixels. -> [H <= _ROW, W <= max_width, 3] uint8."""
     if len(frames) > MAX_STRIP_FRAMES:
         picks = np.linspace(0, len(frames) - 1, MAX_STRIP_FRAMES).round().astype(int)
         frames = [frames[int(i)] for i in picks]
     thumbs = []
     for frame in frames:
         h, w = frame.shape[:2]
-        size = (max(1, round(w * _THUMB / max(h, 1))), _THUMB)
+        size = (max(1, round(w * _ROW / max(h, 1))), _ROW)
         thumbs.append(np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BILINEAR)))
-    gap = np.full((_THUMB, 2, 3), 255, dtype=np.uint8)
-    parts = [p for t in thumbs for p in (t, gap)][:-1]
-    return np.concatenate(parts, axis=1)
+    gap = np.full((_ROW, 2, 3), 255, dtype=np.uint8)
+    strip = np.concatenate([p for t in thumbs for p in (t, gap)][:-1], axis=1)
+    if strip.shape[1] > max_width:
+        height = max(1, round(_ROW * max_width / strip.shape[1]))
+        strip = np.asarray(Image.fromarray(strip).resize((max_width, height)))
+    return strip
 
 
 @functools.cache
@@ -224,75 +230,90 @@ def _mel_transform() -> LogMel:
     return LogMel()
 
 
-def _log_mel(wave: np.ndarray) -> np.ndarray:
-    """[S] waveform -> normalised log-mel [n_mels, F] (low frequencies first)."""
+def _spectrogram(wave: np.ndarray) -> np.ndarray:
+    """[S] waveform -> log-mel picture [_ROW, _SPEC_WIDTH, 3] uint8, low frequencies at the
+    bottom, time left to right, normalised values on the fixed `_SPEC_RANGE` colour scale."""
+    from matplotlib import colormaps
+
     with torch.no_grad():
-        mel = _mel_transform()(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None])
-    out: np.ndarray = mel[0].T.numpy()  # [n_mels, F]
-    return out
+        samples = torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32))[None]  # [1, S]
+        mel = _mel_transform()(samples)[0].T.numpy()  # [n_mels, F]
+    low, high = _SPEC_RANGE
+    scaled = np.clip((mel[::-1] - low) / (high - low), 0.0, 1.0)
+    rgb = (colormaps["magma"](scaled)[..., :3] * 255).astype(np.uint8)  # [n_mels, F, 3]
+    picture = Image.fromarray(rgb).resize((_SPEC_WIDTH, _ROW), Image.Resampling.BILINEAR)
+    return np.asarray(picture)
 
 
-def _placeholder(ax: Axes, text: str, colour: str = "0.45") -> None:
-    ax.set_facecolor("0.93")
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, color=colour, wrap=True)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _text_cell(ax: Axes, entry: SheetEntry) -> None:
-    ax.axis("off")
-    colour = _OK if entry.status == "ok" else _FAILED
-    ax.text(0, 1, entry.key, va="top", fontsize=8.5, weight="bold", transform=ax.transAxes)
-    ax.text(
-        0, 0.8, entry.status.upper(), va="top", fontsize=8, color=colour, weight="bold",
-        transform=ax.transAxes,
-    )  # fmt: skip
-    lines = textwrap.wrap(entry.detail, 70, max_lines=3, placeholder=" ...")
+def _caption_lines(entry: SheetEntry, width: int = 80) -> list[str]:
+    lines = textwrap.wrap(entry.detail, width, max_lines=3, placeholder=" ...")
     for caption in entry.captions[:2]:
-        lines += textwrap.wrap(f"\u201c{caption}\u201d", 70, max_lines=2, placeholder=" ...")
+        lines += textwrap.wrap(f"\u201c{caption}\u201d", width, max_lines=2, placeholder=" ...")
     if entry.source:
-        lines += textwrap.wrap(f"source: {entry.source}", 70, max_lines=2, placeholder=" ...")
-    lines += [f"unreadable {n}" for n in entry.notes[:2]]
-    ax.text(0, 0.62, "\n".join(lines), va="top", fontsize=7.5, transform=ax.transAxes)
+        lines += textwrap.wrap(f"source: {entry.source}", width, max_lines=1, placeholder=" ...")
+    lines += [f"unreadable {n}"[:width] for n in entry.notes[:2]]
+    return lines[:7]
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def _save(fig: Figure, path: Path, dpi: int = 90) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     return path
 
 
 def render_sheet(entries: Sequence[SheetEntry], path: Path, *, title: str) -> Path:
-    """One row per entry: frame strip, log-mel spectrogram, key / status / detail / caption."""
+    """One row per entry: frame strip, log-mel spectrogram, key / status / detail / caption.
+
+    The strips and spectrograms are composed into one picture (drawn pixel for pixel) and
+    the words are figure text, so drawing stays quick for many rows.
+    """
     if not entries:
         raise ValueError("a contact sheet needs at least one entry")
-    fig = Figure(figsize=(16, 0.6 + 1.45 * len(entries)))
-    grid = fig.add_gridspec(
-        len(entries), 3, width_ratios=[7, 3, 4.5], left=0.01, right=0.99,
-        top=1 - 0.45 / fig.get_figheight(), bottom=0.02, wspace=0.04, hspace=0.25,
-    )  # fmt: skip
-    fig.suptitle(title, fontsize=10, y=1 - 0.12 / fig.get_figheight(), va="top")
-    for row, entry in enumerate(entries):
-        frames_ax = fig.add_subplot(grid[row, 0])
-        if entry.frames:
-            frames_ax.imshow(_strip(entry.frames))
-            frames_ax.axis("off")
+    strips = [_strip(e.frames, _STRIP_MAX) if e.frames else None for e in entries]
+    strip_width = max([s.shape[1] for s in strips if s is not None] + [_STRIP_MIN])
+    step = _ROW + _GAP
+    spec_left = strip_width + _GAP
+    canvas = np.full((len(entries) * step, spec_left + _SPEC_WIDTH, 3), 255, dtype=np.uint8)
+    blank = np.full((_ROW, 1, 3), 235, dtype=np.uint8)
+    for i, (entry, strip) in enumerate(zip(entries, strips, strict=True)):
+        top = i * step
+        if strip is not None:
+            canvas[top : top + strip.shape[0], : strip.shape[1]] = strip
         else:
-            _placeholder(frames_ax, "no sample: " + entry.detail[:120], _FAILED)
-        audio_ax = fig.add_subplot(grid[row, 1])
+            canvas[top : top + _ROW, :strip_width] = blank
         if entry.audio is not None and entry.audio.size:
-            seconds = entry.audio.shape[0] / SAMPLE_RATE
-            audio_ax.imshow(
-                _log_mel(entry.audio), origin="lower", aspect="auto", cmap="magma",
-                vmin=_SPEC_RANGE[0], vmax=_SPEC_RANGE[1], extent=(0, seconds, 0, 1),
-            )  # fmt: skip
-            audio_ax.set_yticks([])
-            audio_ax.tick_params(axis="x", labelsize=6, length=2, pad=1)
+            canvas[top : top + _ROW, spec_left:] = _spectrogram(entry.audio)
         else:
-            _placeholder(audio_ax, "no audio" if entry.status == "ok" else "")
-        _text_cell(fig.add_subplot(grid[row, 2]), entry)
-    return _save(fig, path)
+            canvas[top : top + _ROW, spec_left:] = blank
+    width, height = canvas.shape[1] + _GAP + _TEXT_WIDTH, canvas.shape[0] + _TITLE
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+    ax = fig.add_axes((0.0, 0.0, canvas.shape[1] / width, canvas.shape[0] / height))
+    ax.imshow(canvas, interpolation="nearest", aspect="auto")
+    ax.axis("off")
+    fig.text(0.5, 1 - 8 / height, title, ha="center", va="top", fontsize=10)
+
+    def label(x: float, y: float, text: str, **style: Any) -> None:  # x, y: pixels, top left
+        fig.text(x / width, 1 - (_TITLE + y) / height, text, **style)
+
+    text_left = canvas.shape[1] + _GAP
+    middle: dict[str, Any] = {"ha": "center", "va": "center", "fontsize": 8}
+    for i, entry in enumerate(entries):
+        top = i * step
+        ok = entry.status == "ok"
+        colour = _OK if ok else _FAILED
+        if not entry.frames:
+            empty = "no frames" if ok else "no sample"
+            label(strip_width / 2, top + _ROW / 2, empty, color="0.4" if ok else colour, **middle)
+        if entry.audio is not None:
+            seconds = entry.audio.shape[0] / SAMPLE_RATE
+            label(spec_left + 3, top + _ROW - 3, f"0-{seconds:.1f} s", fontsize=6.5, color="white")
+        elif ok:
+            label(spec_left + _SPEC_WIDTH / 2, top + _ROW / 2, "no audio", color="0.4", **middle)
+        label(text_left, top, entry.key, va="top", fontsize=8.5, weight="bold")
+        label(text_left, top + 14, entry.status.upper(), va="top", fontsize=8, color=colour)
+        label(text_left, top + 28, "\n".join(_caption_lines(entry)), va="top", fontsize=7)
+    return _save(fig, path, dpi=_DPI)
 
 
 @dataclass(frozen=True)
@@ -317,10 +338,10 @@ class RetrievalRow:
 def render_retrievals(rows: Sequence[RetrievalRow], path: Path, *, title: str) -> Path:
     """One row per query: the caption, then its top K clips (rank, key, volume)."""
     k = max(len(r.results) for r in rows)
-    fig = Figure(figsize=(3.2 + 1.9 * k, 0.6 + 2.0 * len(rows)))
+    fig = Figure(figsize=(3.2 + 1.9 * k, 0.9 + 2.0 * len(rows)))
     grid = fig.add_gridspec(
         len(rows), k + 1, width_ratios=[2.2] + [1] * k, left=0.01, right=0.99,
-        top=1 - 0.5 / fig.get_figheight(), bottom=0.02, wspace=0.08, hspace=0.35,
+        top=1 - 0.8 / fig.get_figheight(), bottom=0.02, wspace=0.08, hspace=0.35,
     )  # fmt: skip
     fig.suptitle(title, fontsize=10, y=1 - 0.12 / fig.get_figheight(), va="top")
     for i, row in enumerate(rows):
