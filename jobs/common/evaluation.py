@@ -55,6 +55,7 @@ from jobs.common.embedding import (
 )
 from jobs.common.plots import plot_confusion, plot_recall_curves, plot_volume_distributions
 from jobs.common.secrets import redact, scrub
+from jobs.contact_sheet import top_retrievals
 from pipelines.storage import S3Config
 
 __all__ = [
@@ -455,6 +456,7 @@ def evaluate_files(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     pictures = _pictures(report, out_dir)
+    pictures.append(top_retrievals(emb, eval_set.shards, s3, out_dir / "top5_retrievals.png"))
     report["pictures"] = [p.name for p in pictures]
     report["seconds"] = round(time.perf_counter() - start, 2)
     path = out_dir / "report.json"

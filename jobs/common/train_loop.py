@@ -39,6 +39,7 @@ from jobs.common.training import (
     run_checkpoints,
     save_checkpoint_dir,
 )
+from jobs.contact_sheet import first_batch_sheet
 from pipelines import storage
 
 log = logging.getLogger("gram.train")
@@ -215,6 +216,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     tracker = None
     if rank == 0:
         tracker = Tracker(cfg.tracking, run_id=progress.mlflow_run_id or None, run_name=cfg.name)
+    sheets = tempfile.TemporaryDirectory(prefix="gram-sheet-")  # the first batch, drawn
     audit = None
     if cfg.data.audit_dir:
         folder = Path(cfg.data.audit_dir)
@@ -289,6 +291,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             step += 1
             progress.step, progress.epoch_step = step, progress.epoch_step + 1
             progress.samples_seen += len(keys) * world
+            if step == 1 and tracker is not None and cfg.tracking.enabled:  # what the model sees
+                sheet = first_batch_sheet(micro[0], Path(sheets.name))
+                if sheet is not None:
+                    tracker.log_artifact(sheet, "inspect")
             if audit is not None:
                 audit.write(
                     json.dumps({"step": step, "epoch": progress.epoch, "keys": keys}) + "\n"
@@ -324,3 +330,4 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if tracker is not None:
         tracker.log_metrics({"skipped_samples": float(loader.skipped)}, step=step)
         tracker.close()
+    sheets.cleanup()

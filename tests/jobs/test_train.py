@@ -422,6 +422,9 @@ def test_local_mode_trains_without_a_cluster_keeps_checkpoints_and_resumes(tmp_p
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     losses = client.get_metric_history(_run_id(again.stdout), "loss")
     assert sorted(m.step for m in losses) == list(range(1, 11))
+    (sheet,) = client.list_artifacts(_run_id(first.stdout), "inspect")  # the first batch, drawn
+    assert sheet.path == "inspect/first_batch.png"
+    assert sheet.file_size > 10_000
 
 
 def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster, shards):
