@@ -109,18 +109,19 @@ class ServingPolicy:
         for root in self.media_roots:
             if not root or not os.path.isabs(root.removeprefix("file://")):
                 raise ConfigError(
-                    f"serving.media_roots: {root!r} is not an absolute path (roots are folders "
-                    "on the serving machine, e.g. /data/clips)"
+                    f"serving.media_roots ({ENV_PREFIX}MEDIA_ROOTS): {root!r} is not an "
+                    "absolute path (roots are folders on the serving machine, e.g. /data/clips)"
                 )
         for prefix in self.s3_prefixes:
             if not prefix.startswith("s3://") or not prefix[5:].split("/", 1)[0]:
                 raise ConfigError(
-                    f"serving.s3_prefixes: {prefix!r} is not an s3://bucket/prefix/ URI"
+                    f"serving.s3_prefixes ({ENV_PREFIX}S3_PREFIXES): {prefix!r} is not an "
+                    "s3://bucket/prefix/ URI"
                 )
         if self.max_rows < 1 or self.max_media_bytes < 1 or self.max_media_seconds <= 0:
             raise ConfigError(
                 "serving.max_rows, serving.max_media_bytes and serving.max_media_seconds "
-                "must be > 0"
+                f"({ENV_PREFIX}MAX_ROWS, ...) must be > 0"
             )
 
     @classmethod
