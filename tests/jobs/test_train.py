@@ -135,6 +135,8 @@ def test_two_workers_on_two_nodes_train_checkpoint_and_log(tmp_path, ray_cluster
         assert name in run.data.metrics, name
     assert 0.0 <= run.data.metrics["eval_volume_t2i_r1"] <= 100.0
     assert run.data.metrics["eval_num_items"] == 24  # 24 eval clips over 2 ranks: none dropped
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, "inspect")]
+    assert logged == ["inspect/first_batch.png"]  # drawn by rank 0, a Ray Train worker
 
 
 def test_s3_shards_and_checkpoints_with_an_mlflow_server_and_no_secret_anywhere(
