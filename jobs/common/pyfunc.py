@@ -37,10 +37,12 @@ None where the row lacks it; plus `volume` (float) when asked.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -163,8 +165,9 @@ class GramPyfunc(PythonModel):
         self.decode_cfg = DecodeConfig.from_model(cfg)
         self.policy = ServingPolicy.configured(self.inference, os.environ)
 
-    def _video(self, path: str, spend: Any) -> Tensor:
-        """[T, 3, S, S] uint8 frames of one file, decoded like preprocessing + evaluation."""
+    def _video(self, path: str, spend: Callable[[float], None]) -> Tensor:
+        """[T, 3, S, S] uint8 frames of one file, decoded like preprocessing + evaluation;
+        `spend(seconds)` counts its duration against the row's media budget."""
         from pipelines import media
 
         timeout = self.inference.media_timeout_s
@@ -185,8 +188,9 @@ class GramPyfunc(PythonModel):
         sample.update({"__key__": "row", CAPTIONS_SUFFIX: b'["-"]'})
         return decode_sample(sample, self.decode_cfg, train=False)["video"]
 
-    def _audio(self, path: str, spend: Any) -> Tensor:
-        """[S] float32 waveform: the model's centre window of the file's first audio stream."""
+    def _audio(self, path: str, spend: Callable[[float], None]) -> Tensor:
+        """[S] float32 waveform: the model's centre window of the file's first audio stream;
+        `spend(seconds)` counts its duration against the row's media budget."""
         from pipelines import media
 
         timeout = self.inference.media_timeout_s
@@ -227,7 +231,7 @@ class GramPyfunc(PythonModel):
             where = f"{name} of row {row} ({describe_cell(value)})"
             try:
                 path = fetch_media(value, self.policy, tmp)
-                tensors.append(load(str(path), lambda s, r=row: budget.spend(r, s)))
+                tensors.append(load(str(path), functools.partial(budget.spend, row)))
             except RefusedInputError as exc:
                 raise _bad_input(f"{where}: {exc}") from None
             except MediaError as exc:  # the reason only: ffmpeg's words may name other files
