@@ -53,6 +53,12 @@ JOBS: tuple[Job, ...] = (
         on_cluster=True,
     ),
     Job(
+        "inspect",
+        "look at shards: status summary, or a contact sheet PNG",
+        "InspectConfig",
+        on_cluster=False,
+    ),
+    Job(
         "train",
         "GRAM training on Ray Train with global negatives",
         "TrainConfig",

@@ -2,6 +2,7 @@
 
     gram demo                                   # the whole pipeline on this machine
     gram preprocess --input clips.jsonl --output shards/
+    gram inspect shards/ [--samples 12 --out sheet.png]
     gram train --config jobs/configs/train.yaml data.train=shards/
     gram evaluate ... | gram register ... | gram promote ... | gram rollback ...
     gram submit train --address http://HEAD:8265 --config ... --wait

@@ -5,7 +5,7 @@
     listing.shards        # [ShardInfo(url=full URI, count=samples)], in index order
     listing.fingerprint   # sha256 of the shard names, counts and checksums (16 hex digits)
 
-`index.json` is written last by `jobs.preprocess` (and by `pipelines.sample_shards`), so an
+`index.json` is written last by `jobs.preprocess` (and by `pipelines.samples_to_shards`), so an
 output without one is unfinished. It lists every shard (`name`, `samples`, `bytes`,
 `sha256`) and the input's fingerprint (`input.fingerprint`).
 """
@@ -62,7 +62,7 @@ def read_listing(output: str, *, s3: S3Config | None = None, key: str = "") -> S
     except storage.StorageNotFoundError:
         raise ConfigError(
             f"{where} has no index.json: point it at a finished `python -m jobs.preprocess` "
-            "output folder (or one written by pipelines.sample_shards)"
+            "output folder (or one written by pipelines.samples_to_shards)"
         ) from None
     entries = [
         {"name": s["name"], "samples": int(s["samples"]), "sha256": s.get("sha256", "")}

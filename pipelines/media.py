@@ -16,6 +16,10 @@ the media from a seekable local path (never a whole mp4 through stdin: files
 with the index at the end fail that way), runs in its own process group, and
 is killed with its children when `timeout_s` passes. Every failure is a
 `MediaError` with a short `reason` code for counting and a message for people.
+
+`input_options` (probe, decode_clip, extract_audio) are FFmpeg options put before
+every input, e.g. `{"protocol_whitelist": "file,pipe"}` for untrusted files; the
+in-process probe passes them to FFmpeg's demuxer the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import stat
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -202,7 +207,9 @@ def _seconds(value: Fraction | float | None) -> float:
     return out if math.isfinite(out) and out > 0 else 0.0
 
 
-def _open(path: str, timeout_s: float, what: str) -> tuple[Any, float]:
+def _open(
+    path: str, timeout_s: float, what: str, options: Mapping[str, str] | None = None
+) -> tuple[Any, float]:
     """An open PyAV input container for a regular local file, and the deadline
     (time.monotonic()) that `timeout_s` sets; MediaError otherwise.
 
@@ -220,7 +227,12 @@ def _open(path: str, timeout_s: float, what: str) -> tuple[Any, float]:
         raise MediaError("not_a_file", f"{what} is not a regular file")
     deadline = time.monotonic() + timeout_s
     try:
-        container = av.open(_local_url(path), timeout=timeout_s, metadata_errors="replace")
+        container = av.open(
+            _local_url(path),
+            timeout=timeout_s,
+            metadata_errors="replace",
+            options=dict(options or {}),
+        )
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise _probe_error(
             exc, deadline, timeout_s, "unreadable", "not a readable media file"
@@ -258,7 +270,9 @@ def _first_frame_rotation(container: Any, video: Any, deadline: float, timeout_s
     return int(round(float(frame.rotation) / 90.0) * 90) % 360
 
 
-def probe(path: str, *, timeout_s: float) -> ProbeInfo:
+def probe(
+    path: str, *, timeout_s: float, input_options: Mapping[str, str] | None = None
+) -> ProbeInfo:
     """Probe a local media file: duration, fps, displayed size, rotation, audio presence.
 
     Reads the headers (and decodes the first frame, for the rotation) in
@@ -269,7 +283,7 @@ def probe(path: str, *, timeout_s: float) -> ProbeInfo:
     """
     import av
 
-    container, deadline = _open(path, timeout_s, "the file")
+    container, deadline = _open(path, timeout_s, "the file", input_options)
     with container:
         format_name = str(container.format.name or "")
         video = [
@@ -382,6 +396,7 @@ def decode_clip(
     audio_from: str | None = None,
     audio_samples: int = 0,
     workdir: str | None = None,
+    input_options: Mapping[str, str] | None = None,
 ) -> Decoded:
     """JPEG frames (RGB, `size` x `size`) shown at ascending `times` seconds, and
     optionally the audio of `audio_from` (the clip or a separate file), in one ffmpeg run.
@@ -406,15 +421,17 @@ def decode_clip(
     query = [round(max(0.0, t - shift), 6) for t in times]
     unique = sorted(set(query))  # equal times (very short clips) decode once
     with tempfile.TemporaryDirectory(prefix="gram-audio-", dir=workdir) as tmp:
-        audio = _AudioOut(audio_from, audio_samples, os.path.join(tmp, "audio.s16le"))
+        opts = dict(input_options or {})
+        audio = _AudioOut(audio_from, audio_samples, os.path.join(tmp, "audio.s16le"), opts)
         frames: list[bytes] | None = None
         if 0 < duration <= seek_above_s:
             args = _finish(
-                _one_pass(path, unique, size, threads), len(unique), audio, path, threads
+                _one_pass(path, unique, size, threads, opts), len(unique), audio, path, threads
             )
             frames = _decode_frames(args, len(unique), size, quality, timeout_s, allow_short=True)
         if frames is None:
-            args = _finish(_seeking(path, unique, size, threads), len(unique), audio, None, threads)
+            graph = _seeking(path, unique, size, threads, opts)
+            args = _finish(graph, len(unique), audio, None, threads)
             frames = _decode_frames(args, len(unique), size, quality, timeout_s, allow_short=False)
         if frames is None:  # pragma: no cover (allow_short=False raises instead)
             raise MediaError("decode_failed", "no frames decoded")
@@ -427,11 +444,12 @@ class _AudioOut:
     source: str | None
     samples: int
     file: str
+    options: dict[str, str]
 
     def output(self, same_input: Any) -> Any:
         inp = same_input
         if inp is None:
-            inp = ffmpeg.input(_local_url(self.source or ""))
+            inp = ffmpeg.input(_local_url(self.source or ""), **self.options)
         seconds = self.samples / SAMPLE_RATE + 0.5  # a margin, then trim exactly
         return inp["a:0"].output(
             self.file, format="s16le", acodec="pcm_s16le", ac=1, ar=SAMPLE_RATE, t=f"{seconds:.3f}"
@@ -481,18 +499,22 @@ def _finish(
     )
 
 
-def _one_pass(path: str, times: list[float], size: int, threads: int) -> tuple[Any, Any]:
+def _one_pass(
+    path: str, times: list[float], size: int, threads: int, options: dict[str, str]
+) -> tuple[Any, Any]:
     # Select the first frame at/after each time: t >= T_k while the last selected frame is < T_k.
     terms = [f"gte(t,{times[0]:.6f})*isnan(prev_selected_t)"]
     terms += [f"gte(t,{t:.6f})*lt(prev_selected_t,{t:.6f})" for t in times[1:]]
-    inp = ffmpeg.input(_local_url(path), threads=threads)
+    inp = ffmpeg.input(_local_url(path), threads=threads, **options)
     return _resize_crop(inp.video.filter("select", "+".join(terms)), size), inp
 
 
-def _seeking(path: str, times: list[float], size: int, threads: int) -> tuple[Any, Any]:
+def _seeking(
+    path: str, times: list[float], size: int, threads: int, options: dict[str, str]
+) -> tuple[Any, Any]:
     branches = []
     for t in times:
-        stream = ffmpeg.input(_local_url(path), ss=f"{t:.6f}", threads=threads).video
+        stream = ffmpeg.input(_local_url(path), ss=f"{t:.6f}", threads=threads, **options).video
         branches.append(_resize_crop(stream.trim(end_frame=1).setpts("PTS-STARTPTS"), size))
     joined = branches[0] if len(branches) == 1 else ffmpeg.concat(*branches, v=1, a=0)
     return joined, None
@@ -533,7 +555,13 @@ def audio_length(duration: float, max_seconds: float) -> int:
     return round(min(duration, max_seconds) * SAMPLE_RATE)
 
 
-def extract_audio(path: str, *, num_samples: int, timeout_s: float = 120.0) -> np.ndarray:
+def extract_audio(
+    path: str,
+    *,
+    num_samples: int,
+    timeout_s: float = 120.0,
+    input_options: Mapping[str, str] | None = None,
+) -> np.ndarray:
     """The first audio stream as 16 kHz mono int16, exactly `num_samples` long.
 
     Decoded audio is trimmed (AAC priming and rounding make it a few hundred
@@ -542,7 +570,7 @@ def extract_audio(path: str, *, num_samples: int, timeout_s: float = 120.0) -> n
     """
     seconds = num_samples / SAMPLE_RATE + 0.5  # a margin, then trim exactly
     args = (
-        ffmpeg.input(_local_url(path))
+        ffmpeg.input(_local_url(path), **dict(input_options or {}))
         .output(
             "pipe:",
             format="s16le",

@@ -208,12 +208,14 @@ def _to_numpy(emb: ClipEmbeddings) -> dict[str, Any]:
 
 
 def _from_numpy(part: dict[str, Any]) -> ClipEmbeddings:
+    """Arrays from `ray.get` are read-only views of the object store: copy them into
+    memory torch owns (`torch.from_numpy` would share the read-only buffer)."""
     return ClipEmbeddings(
         keys=list(part["keys"]),
-        items={n: torch.from_numpy(v) for n, v in part["items"].items()},
-        present=torch.from_numpy(part["present"]),
-        text=torch.from_numpy(part["text"]),
-        text_to_item=torch.from_numpy(part["text_to_item"]),
+        items={n: torch.tensor(v) for n, v in part["items"].items()},
+        present=torch.tensor(part["present"]),
+        text=torch.tensor(part["text"]),
+        text_to_item=torch.tensor(part["text_to_item"]),
         labels=list(part["labels"]),
         skipped=int(part["skipped"]),
         nodes=[str(part["node"])] if "node" in part else [],

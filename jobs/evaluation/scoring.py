@@ -46,6 +46,7 @@ from gram.config import ConfigError, to_dict
 from gram.model import GramModel
 from gram.retrieval import rank_summary, retrieval_ranks, score_matrix
 from jobs.cluster.secrets import redact, scrub
+from jobs.common.contact_sheet import top_retrievals
 from jobs.evaluation.embedding import (
     ClipEmbeddings,
     ParallelConfig,
@@ -455,6 +456,7 @@ def evaluate_files(
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     pictures = _pictures(report, out_dir)
+    pictures.append(top_retrievals(emb, eval_set.shards, s3, out_dir / "top5_retrievals.png"))
     report["pictures"] = [p.name for p in pictures]
     report["seconds"] = round(time.perf_counter() - start, 2)
     path = out_dir / "report.json"

@@ -60,6 +60,8 @@ _SERVING_PACKAGES = (
     "tokenizers",
     "pyyaml",
     "ffmpeg-python",
+    "imageio-ffmpeg",
+    "av",
     "boto3",
 )
 
@@ -274,9 +276,11 @@ def _signature(names: list[str]) -> Any:
 
 
 def _stage_code(workdir: Path) -> list[str]:
-    """Clean copies of the gram/ and pipelines/ packages this process runs (shipped as code)."""
+    """Clean copies of the gram/ and pipelines/ packages this process runs, and of the
+    served-input admission module as `jobs.registry.served_inputs` (shipped as code)."""
     import gram
     import pipelines
+    from jobs.registry import served_inputs
 
     out = []
     for package in (gram, pipelines):
@@ -284,6 +288,12 @@ def _stage_code(workdir: Path) -> list[str]:
         target = workdir / "code" / source.name
         shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         out.append(str(target))
+    jobs_code = workdir / "code" / "jobs"
+    (jobs_code / "registry").mkdir(parents=True)
+    (jobs_code / "__init__.py").write_text('"""What a served model needs of `jobs`."""\n')
+    (jobs_code / "registry" / "__init__.py").write_text("")
+    shutil.copyfile(str(served_inputs.__file__), jobs_code / "registry" / "served_inputs.py")
+    out.append(str(jobs_code))
     return out
 
 

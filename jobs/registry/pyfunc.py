@@ -2,9 +2,9 @@
 
 `jobs.register` logs this file as an MLflow "model from code" (the last line,
 `set_model(GramPyfunc())`, is what MLflow picks up when it loads the file), with
-`gram/` and `pipelines/` shipped beside it as `code_paths`. Loading it therefore
-needs only the registered artifacts: no checkpoint store, no Ray, no project
-checkout. It imports nothing from `jobs`.
+`gram/`, `pipelines/` and `jobs/registry/served_inputs.py` shipped beside it as `code_paths`.
+Loading it therefore needs only the registered artifacts: no checkpoint store, no Ray,
+no project checkout. From `jobs` it imports only `jobs.registry.served_inputs`, which ships with it.
 
 Artifacts (names in `context.artifacts`):
     weights       model.safetensors: a gram checkpoint (weights + model config)
@@ -16,10 +16,13 @@ Input: a pandas DataFrame with one or more of the model's modality columns
 (`text`, `video`, `audio` for the shipped configs); a null or empty cell means
 that row lacks that modality.
     text kind:   the text itself.
-    video kind:  path or URI (local path, file://, s3://) of a video file. Frames at the
-                 midpoints of `num_segments` equal segments, scaled and centre-cropped by
-                 the preprocessing code, then evaluation decoding (the model's T frames).
-    audio kind:  path or URI of any file with an audio track (a video or audio file);
+    Media cells are admitted by `jobs.registry.served_inputs`: inline `data:...;base64,` bytes
+    always; paths and s3:// URIs only under the configured `serving.media_roots` /
+    `serving.s3_prefixes` (none by default); sizes, rows and media seconds are bounded.
+    video kind:  a video file. Frames at the midpoints of `num_segments` equal segments,
+                 scaled and centre-cropped by the preprocessing code, then evaluation
+                 decoding (the model's T frames).
+    audio kind:  any file with an audio track (a video or audio file);
                  16 kHz mono, the first `max_audio_seconds`, then the model's centre window.
     With `inference` matching the preprocessing config, a clip gets exactly the inputs
     its preprocessed shard sample gives the evaluation (tested to 1e-5).
@@ -34,9 +37,12 @@ None where the row lacks it; plus `volume` (float) when asked.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +63,16 @@ from gram.model_config import ModelConfig
 from gram.schema import CAPTIONS_SUFFIX, frame_suffix
 from gram.volume import volume
 from gram.weights import load_weights
+from jobs.registry.served_inputs import (
+    FFMPEG_INPUT_OPTIONS,
+    RefusedInputError,
+    RowBudget,
+    ServingPolicy,
+    admit_rows,
+    describe_cell,
+    fetch_media,
+    media_failure,
+)
 
 __all__ = [
     "ARTIFACT_CONFIG",
@@ -82,18 +98,27 @@ class InferenceConfig:
     frame_size: short side scaled to this, centre-cropped, pixels (`frames.size`).
     max_audio_seconds: audio kept from the start of a file, s (`audio.max_seconds`).
     media_timeout_s: ffmpeg/ffprobe time limit per file, s.
+    media_roots, s3_prefixes, max_rows, max_media_bytes, max_media_seconds: what clients
+        may send (`jobs.registry.served_inputs.ServingPolicy`); the serving process's
+        `GRAM_SERVING_<KEY>` environment variables override them.
     """
 
     num_segments: int = 8
     frame_size: int = 224
     max_audio_seconds: float = 10.0
     media_timeout_s: float = 120.0
+    media_roots: tuple[str, ...] = ()
+    s3_prefixes: tuple[str, ...] = ()
+    max_rows: int = ServingPolicy.max_rows
+    max_media_bytes: int = ServingPolicy.max_media_bytes
+    max_media_seconds: float = ServingPolicy.max_media_seconds
 
     def __post_init__(self) -> None:
         if self.num_segments < 1 or self.frame_size < 16:
             raise ConfigError("serving.num_segments must be >= 1 and serving.frame_size >= 16")
         if self.max_audio_seconds <= 0 or self.media_timeout_s <= 0:
             raise ConfigError("serving.max_audio_seconds and serving.media_timeout_s must be > 0")
+        ServingPolicy.configured(self, {})  # raises ConfigError naming a bad serving.* key
 
 
 def _bad_input(message: str) -> MlflowException:
@@ -101,27 +126,14 @@ def _bad_input(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _local_file(uri: str, tmp: Path) -> str:
-    """A local path for `uri` (s3:// objects are downloaded into `tmp`)."""
-    from pipelines import storage
-
-    if storage.is_s3(uri):
-        target = tmp / f"{len(list(tmp.iterdir()))}-{uri.rsplit('/', 1)[-1]}"
-        storage.download(uri, target, s3=storage.S3Config().resolved())
-        return str(target)
-    path = Path(uri.removeprefix("file://"))
-    if not path.is_file():
-        raise FileNotFoundError(f"{uri!r} is not a file (paths are local to the server, or s3://)")
-    return str(path)
-
-
 def _media_duration(path: str, timeout_s: float) -> float:
     """Container duration in seconds (ffprobe), for audio-only files too."""
     from pipelines.media import MediaError, run_command
 
+    ffprobe = ["ffprobe", "-v", "error"]
+    ffprobe += [arg for k, v in FFMPEG_INPUT_OPTIONS.items() for arg in (f"-{k}", v)]
     out = run_command(
-        ["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of", "json", path],
-        timeout_s=timeout_s,
+        [*ffprobe, "-show_entries", "format=duration", "-of", "json", path], timeout_s=timeout_s
     )
     try:
         seconds = float(json.loads(out)["format"]["duration"])
@@ -151,13 +163,16 @@ class GramPyfunc(PythonModel):
             InferenceConfig, json.loads(Path(artifacts[ARTIFACT_INFERENCE]).read_text("utf-8"))
         )
         self.decode_cfg = DecodeConfig.from_model(cfg)
+        self.policy = ServingPolicy.configured(self.inference, os.environ)
 
-    def _video(self, path: str) -> Tensor:
-        """[T, 3, S, S] uint8 frames of one file, decoded like preprocessing + evaluation."""
+    def _video(self, path: str, spend: Callable[[float], None]) -> Tensor:
+        """[T, 3, S, S] uint8 frames of one file, decoded like preprocessing + evaluation;
+        `spend(seconds)` counts its duration against the row's media budget."""
         from pipelines import media
 
         timeout = self.inference.media_timeout_s
-        info = media.probe(path, timeout_s=timeout)
+        info = media.probe(path, timeout_s=timeout, input_options=FFMPEG_INPUT_OPTIONS)
+        spend(info.duration)
         times = media.frame_times(info.duration, self.inference.num_segments)
         frames = media.decode_clip(
             path,
@@ -166,25 +181,32 @@ class GramPyfunc(PythonModel):
             timeout_s=timeout,
             duration=info.duration,
             fps=info.fps,
+            input_options=FFMPEG_INPUT_OPTIONS,
         ).frames
         sample: dict[str, Any] = {frame_suffix(i): jpg for i, jpg in enumerate(frames)}
         # decode_sample picks the model's T of the segments; it needs a caption, unused here.
         sample.update({"__key__": "row", CAPTIONS_SUFFIX: b'["-"]'})
         return decode_sample(sample, self.decode_cfg, train=False)["video"]
 
-    def _audio(self, path: str) -> Tensor:
-        """[S] float32 waveform: the model's centre window of the file's first audio stream."""
+    def _audio(self, path: str, spend: Callable[[float], None]) -> Tensor:
+        """[S] float32 waveform: the model's centre window of the file's first audio stream;
+        `spend(seconds)` counts its duration against the row's media budget."""
         from pipelines import media
 
         timeout = self.inference.media_timeout_s
         try:  # a video's duration as preprocessing measures it
-            duration = media.probe(path, timeout_s=timeout).duration
+            duration = media.probe(
+                path, timeout_s=timeout, input_options=FFMPEG_INPUT_OPTIONS
+            ).duration
         except media.MediaError as exc:
             if exc.reason != "no_video":
                 raise
             duration = _media_duration(path, timeout)  # an audio-only file
+        spend(duration)
         samples = max(1, media.audio_length(duration, self.inference.max_audio_seconds))
-        pcm = media.extract_audio(path, num_samples=samples, timeout_s=timeout)
+        pcm = media.extract_audio(
+            path, num_samples=samples, timeout_s=timeout, input_options=FFMPEG_INPUT_OPTIONS
+        )
         wave = pcm.astype(np.float32) / 32768.0  # [N] as soundfile reads PCM_16
         n = self.decode_cfg.audio_samples
         if wave.shape[0] >= n:
@@ -194,18 +216,28 @@ class GramPyfunc(PythonModel):
             wave = np.pad(wave, (0, n - wave.shape[0]))
         return torch.from_numpy(np.ascontiguousarray(wave))
 
-    def _encode(self, name: str, values: list[str], tmp: Path) -> Tensor:
-        """Embeddings [len(values), D] of one modality's non-empty cells."""
+    def _encode(
+        self, name: str, rows: list[int], values: list[str], tmp: Path, budget: RowBudget
+    ) -> Tensor:
+        """Embeddings [len(values), D] of one modality's non-empty cells (at `rows`)."""
+        from pipelines.media import MediaError
+
         kind = self.model.cfg.modality(name).kind
         if kind == "text":
             return self.model.encode(name, {name: values})
         load = self._video if kind == "video" else self._audio
         tensors = []
-        for value in values:
+        for row, value in zip(rows, values, strict=True):
+            where = f"{name} of row {row} ({describe_cell(value)})"
             try:
-                tensors.append(load(_local_file(value, tmp)))
-            except Exception as exc:  # every media failure becomes a 400 naming the input
-                raise _bad_input(f"{name} {value!r}: {exc}") from None
+                path = fetch_media(value, self.policy, tmp)
+                tensors.append(load(str(path), functools.partial(budget.spend, row)))
+            except RefusedInputError as exc:
+                raise _bad_input(f"{where}: {exc}") from None
+            except MediaError as exc:  # the reason only: ffmpeg's words may name other files
+                raise _bad_input(f"{where}: {media_failure(exc.reason)}") from None
+            except Exception:  # every other failure is a 400 too, and says nothing more
+                raise _bad_input(f"{where}: could not be read as media") from None
         return self.model.encode(name, {name: torch.stack(tensors)})
 
     @torch.no_grad()
@@ -227,6 +259,11 @@ class GramPyfunc(PythonModel):
         if batch_size < 1:
             raise _bad_input(f"params.batch_size must be >= 1, got {batch_size}")
         rows = len(frame)
+        try:
+            admit_rows(rows, self.policy)
+        except RefusedInputError as exc:
+            raise _bad_input(str(exc)) from None
+        budget = RowBudget(self.policy)
         dim = self.model.cfg.embed_dim
         emb = {n: torch.full((rows, dim), float("nan")) for n in columns}
         present = torch.zeros(rows, len(columns), dtype=torch.bool)
@@ -236,7 +273,8 @@ class GramPyfunc(PythonModel):
                 filled = [i for i, v in enumerate(cells) if isinstance(v, str) and v.strip()]
                 for b0 in range(0, len(filled), batch_size):
                     idx = filled[b0 : b0 + batch_size]
-                    emb[name][idx] = self._encode(name, [cells[i] for i in idx], Path(tmp))
+                    values = [cells[i] for i in idx]
+                    emb[name][idx] = self._encode(name, idx, values, Path(tmp), budget)
                 present[filled, j] = True
         out = pd.DataFrame(index=frame.index)
         for j, name in enumerate(columns):

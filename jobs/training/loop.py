@@ -48,6 +48,7 @@ from gram.shards import RawSample, ShardInfo, ShardLoader
 from gram.steps import build_optimizer, cosine_schedule, train_step
 from gram.steps import evaluate as retrieval_eval
 from jobs.cluster.secrets import WorkerCredentials
+from jobs.common.contact_sheet import first_batch_sheet
 from jobs.training.checkpoints import (
     Progress,
     data_layout,
@@ -209,6 +210,7 @@ class TrainLoop:
         self.decode_cfg = DecodeConfig.from_model(self.model_cfg)
         self.loader = self._loader(plan.shards, train=True)
         self.tracker: Tracker | None = None
+        self._sheets: tempfile.TemporaryDirectory[str] | None = None
         if self.rank == 0:
             self.tracker = Tracker(
                 cfg.tracking, run_id=self.progress.mlflow_run_id or None, run_name=cfg.name
@@ -323,6 +325,8 @@ class TrainLoop:
         step = progress.step
         for callback in self.callbacks:
             callback.on_step(self.rank, step, progress.epoch, keys)
+        if step == 1:
+            self._log_first_batch(micro[0])
         if step % cfg.log_every_steps == 0 or step == self.plan.total_steps:
             self._log_progress(step)
         if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
@@ -331,6 +335,16 @@ class TrainLoop:
             self.checkpoint(step, self.stats, save=True)
         elif step % cfg.report_every_steps == 0:
             self.checkpoint(step, self.stats, save=False)
+
+    def _log_first_batch(self, batch: dict[str, Any]) -> None:
+        """Rank 0 of a new run logs a contact sheet of its first batch to MLflow
+        (`inspect/first_batch.png`): what the model sees. Drawing never stops training."""
+        if self.tracker is None or not self.cfg.tracking.enabled:
+            return
+        self._sheets = tempfile.TemporaryDirectory(prefix="gram-sheet-")  # kept until uploaded
+        sheet = first_batch_sheet(batch, Path(self._sheets.name))
+        if sheet is not None:
+            self.tracker.log_artifact(sheet, "inspect")
 
     def _log_progress(self, step: int) -> None:
         """Loss, temperature, learning rate, throughput and data wait: MLflow and a line."""
@@ -409,6 +423,8 @@ class TrainLoop:
         if self.tracker is not None:
             self.tracker.log_metrics({"skipped_samples": float(self.loader.skipped)}, step=step)
             self.tracker.close()
+        if self._sheets is not None:
+            self._sheets.cleanup()
 
 
 class ProgressLine:

@@ -197,7 +197,12 @@ def test_report_and_pictures_are_written(local_result):
     report = json.loads(local_result.report_path.read_text())
     assert report["format"] == "gram-eval-1"
     assert report["eval_set"]["eval_id"] == local_result.eval_id
-    assert set(report["pictures"]) == {"recall_at_k.png", "volume_hist.png", "confusion.png"}
+    assert set(report["pictures"]) == {
+        "recall_at_k.png",
+        "volume_hist.png",
+        "confusion.png",
+        "top5_retrievals.png",
+    }
     for picture in local_result.pictures:
         assert picture.read_bytes().startswith(PNG)
         assert picture.stat().st_size > 5000
@@ -272,6 +277,7 @@ def test_evaluate_job_on_ray_with_s3_logs_report_pictures_and_metrics(
         "evaluation/recall_at_k.png",
         "evaluation/volume_hist.png",
         "evaluation/confusion.png",
+        "evaluation/top5_retrievals.png",
     }
     picture = client.download_artifacts(run_id, "evaluation/recall_at_k.png", str(tmp_path))
     assert Path(picture).read_bytes().startswith(PNG)

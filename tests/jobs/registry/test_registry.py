@@ -225,6 +225,7 @@ def test_register_then_load_by_alias_in_a_fresh_process_and_predict(
     shutil.rmtree(ckpt)  # loading must need nothing but the registered artifacts
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MLFLOW_TRACKING_URI"] = server.url
+    env["GRAM_SERVING_MEDIA_ROOTS"] = str(Path(media["clip"]).parent)  # paths must be allowed
     loaded = subprocess.run(
         [sys.executable, "-c", LOAD_AND_PREDICT, f"models:/{name}@candidate", *TEXTS,
          media["clip"], media["tone"]],

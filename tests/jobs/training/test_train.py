@@ -135,6 +135,8 @@ def test_two_workers_on_two_nodes_train_checkpoint_and_log(tmp_path, ray_cluster
         assert name in run.data.metrics, name
     assert 0.0 <= run.data.metrics["eval_volume_t2i_r1"] <= 100.0
     assert run.data.metrics["eval_num_items"] == 24  # 24 eval clips over 2 ranks: none dropped
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, "inspect")]
+    assert logged == ["inspect/first_batch.png"]  # drawn by rank 0, a Ray Train worker
 
 
 def test_s3_shards_and_checkpoints_with_an_mlflow_server_and_no_secret_anywhere(
@@ -422,6 +424,9 @@ def test_local_mode_trains_without_a_cluster_keeps_checkpoints_and_resumes(tmp_p
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     losses = client.get_metric_history(_run_id(again.stdout), "loss")
     assert sorted(m.step for m in losses) == list(range(1, 11))
+    (sheet,) = client.list_artifacts(_run_id(first.stdout), "inspect")  # the first batch, drawn
+    assert sheet.path == "inspect/first_batch.png"
+    assert sheet.file_size > 10_000
 
 
 def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster, shards):
