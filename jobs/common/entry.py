@@ -51,9 +51,14 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 C = TypeVar("C")
 
 
+_LIBRARY_LOGGERS = ("botocore", "boto3", "urllib3", "s3transfer")
+
+
 def setup_logging() -> None:
     """INFO and above to stderr in the jobs' one format, with secret values masked."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    for chatty in _LIBRARY_LOGGERS:  # their INFO lines say nothing a user acts on
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     install_log_scrubber()
 
 

@@ -160,9 +160,10 @@ def test_an_hls_playlist_named_mp4_is_not_followed_by_the_probe_or_ffmpeg(layout
             )
     assert watch.opened == set()
     assert "secret" not in media_failure(info.value.reason)
-    # Without the options the probe follows the playlist and opens the file it names.
+    # The attack is real: without the options, an FFmpeg that follows a playlist named .mp4
+    # (the system's ffprobe, FFmpeg 5.1) opens the file it names.
     with watch.running(), pytest.raises(MediaError):
-        media.probe(str(copy), timeout_s=20)
+        media.run_command(["ffprobe", "-v", "error", "-show_format", str(copy)], timeout_s=20)
     assert watch.opened == {"secret.ts"}
 
 

@@ -19,7 +19,7 @@ import pytest
 from gram.config import load_config
 from jobs import register
 from pipelines.synthetic import ClipSpec, make_clip
-from tests.jobs.test_served_inputs import FifoWatch
+from tests.jobs.registry.test_served_inputs import FifoWatch
 from tests.support.services import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
