@@ -26,12 +26,14 @@ from pathlib import Path
 
 from gram.config import ConfigError, load_config
 from jobs.common.cli import add_config_arguments, config_help
-from jobs.common.evaluation import EvalSection, EvaluationResult, evaluate_files
+from jobs.common.evaluation import EvalSection, EvaluationResult, evaluate_files, sign_warnings
 from jobs.common.registry import experiment_for, log_evaluation, resolve_model, tag_eval_metrics
 from jobs.common.secrets import install_log_scrubber
 from jobs.common.tracking import TrackingConfig, default_tracking_uri
 from pipelines import storage
 from pipelines.storage import S3Config
+
+log = logging.getLogger("gram.evaluate")
 
 HEADLINE = (
     ("volume_t2i_r1", "text -> (video+audio) R@1, volume"),
@@ -99,6 +101,9 @@ def run(cfg: EvaluateConfig) -> tuple[EvaluationResult, str]:
     for key, label in HEADLINE:
         if key in result.metrics:
             print(f"  {label:<42} {result.metrics[key]:6.2f}")
+    for line in sign_warnings(result.report["signs"]):
+        log.warning("%s", line)
+        print(f"  warning: {line}")
     print(f"  report: {storage.join(output, 'report.json')}")
     if run_id:
         print(f"  MLflow run: {run_id} at {tracking_uri}")
