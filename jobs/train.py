@@ -13,6 +13,22 @@ resumes from the latest checkpoint, and re-running the same `name` resumes the
 run. Connects to $RAY_ADDRESS when set, else starts Ray on this machine;
 `scaling.workers=0` runs the loop in this process instead (Ray Train's local mode,
 no cluster), e.g. to debug or for many small runs.
+
+Starting points and losses:
+  checkpoint.resume_from=URI    continue a run from its checkpoint (optimizer, schedule, step)
+  checkpoint.init_from=URI      a new run from another model's weights: a checkpoint folder or
+                                model.safetensors (local or s3://), or models:/NAME@ALIAS
+                                (or models:/NAME/VERSION); fresh optimizer, schedule, step
+                                counter, loss temperature and MLflow run; the source is
+                                recorded in state.json and as gram.init_from* MLflow tags
+  checkpoint.init_modules=[..]  what to take from it: all (default), or modality names
+                                (e.g. [video,audio]: encoder + projection each), or dam
+  loss.cosine_weight=L          kind=gram plus L x the text-anchored cosine loss, each term with
+                                its own learnable temperature, both logged (L > 0 fixes the
+                                sign of the embeddings, which the volume cannot see)
+  loss.warmup_kind=K loss.warmup_steps=N
+                                train with loss K for the first N steps, then with loss.kind
+                                (e.g. cosine_anchor then gram: the two-stage regime, one job)
 """
 
 from __future__ import annotations
@@ -28,8 +44,9 @@ from typing import Any
 from gram.config import ConfigError, load_config, to_dict
 from gram.shards import ShardInfo, steps_per_epoch
 from jobs.common.cli import add_config_arguments, config_help, git_commit
+from jobs.common.init_from import lineage_tags, resolve_init_source
 from jobs.common.raycluster import init_ray, secret_env, storage_filesystem
-from jobs.common.tracking import Tracker
+from jobs.common.tracking import Tracker, default_tracking_uri
 from jobs.common.train_loop import RunPlan, train_loop_per_worker
 from jobs.common.training import TrainConfig, run_checkpoints
 from pipelines import storage
@@ -94,6 +111,10 @@ def run(cfg: TrainConfig) -> TrainResult:
         )
     total_steps = cfg.max_steps or per_epoch * cfg.epochs
     run_id = _resumed_run_id(cfg, s3)
+    init = None  # a run that has checkpoints of its own resumes from them instead
+    if cfg.checkpoint.init_from and not run_id:
+        tracking_uri = default_tracking_uri(cfg.tracking.tracking_uri)
+        init = resolve_init_source(cfg, tracking_uri=tracking_uri, s3=s3)
 
     tracker = Tracker(
         cfg.tracking, run_id=run_id or None, run_name=cfg.name, tags={"gram.job": "train"}
@@ -107,6 +128,9 @@ def run(cfg: TrainConfig) -> TrainResult:
         }
     )
     tracker.set_tags({"git_commit": git_commit(), "gram.run_name": cfg.name})
+    if init is not None:
+        tracker.set_tags(lineage_tags(init.lineage))
+        print(f"starting from the weights of {init.uri} ({init.lineage['modules']})", flush=True)
     run_id = tracker.wait_for_run(timeout=15) or ""
     where = "in this process (local mode)" if local else f"{world} worker(s)"
     print(
@@ -127,7 +151,7 @@ def run(cfg: TrainConfig) -> TrainResult:
         train_loop_per_worker,
         train_loop_config={
             "config": to_dict(cfg),
-            "plan": RunPlan(shards, eval_shards, total_steps, per_epoch, run_id),
+            "plan": RunPlan(shards, eval_shards, total_steps, per_epoch, run_id, init),
             "secret_env": secret_env(),
         },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,15 +19,16 @@ import torch
 import torch.distributed as dist
 
 from gram.config import from_dict
-from gram.data import DecodeConfig, SampleError, collate, decode_sample
-from gram.loss import build_loss
+from gram.data import DecodeConfig, SampleError, collate, decode_sample, predecode
+from gram.loss import CurriculumLoss, build_loss
 from gram.model import build_model
 from gram.model_config import model_config
-from gram.shards import RawSample, ShardInfo, ShardLoader
+from gram.shards import DecodedCache, RawSample, ShardInfo, ShardLoader
 from gram.train import build_optimizer, cosine_schedule, evaluate, train_step
 from gram.weights import load_weights, read_loss_state
+from jobs.common.init_from import InitSource, init_weights
 from jobs.common.raycluster import apply_secret_env
-from jobs.common.tracking import Tracker
+from jobs.common.tracking import Tracker, default_tracking_uri
 from jobs.common.training import (
     Progress,
     ProgressLine,
@@ -56,6 +58,7 @@ class RunPlan:
     total_steps: int
     steps_per_epoch: int
     mlflow_run_id: str
+    init: InitSource | None = None
 
 
 def _open_shard(s3: Any) -> Any:
@@ -152,6 +155,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         temperature=cfg.loss.temperature,
         learn_temperature=cfg.loss.learn_temperature,
         label_smoothing=cfg.loss.label_smoothing,
+        cosine_weight=cfg.loss.cosine_weight,
+        warmup_kind=cfg.loss.warmup_kind,
+        warmup_steps=cfg.loss.warmup_steps,
     )
     schedule = cfg.schedule_steps or plan.total_steps
     optim_cfg = replace(
@@ -176,6 +182,12 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         folder = download_checkpoint(cfg.checkpoint.resume_from, s3)
         progress = _restore(folder, model, loss, optimizer, scheduler)
         source = cfg.checkpoint.resume_from
+    elif plan.init is not None:
+        tracking_uri = default_tracking_uri(cfg.tracking.tracking_uri)
+        copied = init_weights(model, cfg, plan.init, tracking_uri=tracking_uri, s3=s3)
+        progress.lineage = plan.init.lineage
+        if rank == 0:
+            print(f"initialised {copied} weight tensors from {plan.init.uri}", flush=True)
     # The MLflow run is this run's (the driver's), also when starting from another run's checkpoint.
     progress.mlflow_run_id = plan.mlflow_run_id or progress.mlflow_run_id
     layout = data_layout(
@@ -197,6 +209,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     decode_cfg = DecodeConfig.from_model(mcfg)
 
     def make_loader(shards: list[ShardInfo], *, train: bool) -> ShardLoader:
+        prepare = functools.partial(predecode, cfg=decode_cfg)
+        cache = DecodedCache(cfg.data.cache_mib, prepare) if cfg.data.cache_decoded else None
         return ShardLoader(
             shards,
             batch_size=cfg.data.batch_size,
@@ -209,9 +223,11 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             shuffle_buffer=cfg.data.shuffle_buffer if train else 1,
             decode_threads=cfg.data.decode_threads,
             prefetch_batches=cfg.data.prefetch_batches,
+            cache=cache,
         )
 
     loader = make_loader(plan.shards, train=True)
+    eval_loader = make_loader(plan.eval_shards, train=False)  # one for every evaluation
     tracker = None
     if rank == 0:
         tracker = Tracker(cfg.tracking, run_id=progress.mlflow_run_id or None, run_name=cfg.name)
@@ -233,8 +249,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if not plan.eval_shards:
             return {}
         limit = cfg.data.eval_max_batches or None
-        eval_loader = make_loader(plan.eval_shards, train=False)
-        with eval_loader, contextlib.closing(eval_loader.epoch(0)) as batches:
+        with contextlib.closing(eval_loader.epoch(0)) as batches:
             metrics = {
                 f"eval_{k}": v for k, v in evaluate(ddp_model, batches, max_batches=limit).items()
             }
@@ -277,6 +292,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     while step < plan.total_steps:
         skip = progress.epoch_step * accum * cfg.data.batch_size
         for micro in _grouped(loader.epoch(progress.epoch, skip=skip), accum):
+            if isinstance(loss, CurriculumLoss):
+                loss.set_step(step)
             stats = train_step(
                 ddp_model,
                 loss,
@@ -319,6 +336,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if last_saved != step or final_eval:
         checkpoint_and_report(step, {**stats, **final_eval}, save=True)
     loader.close()
+    eval_loader.close()
     if audit is not None:
         audit.close()
     if tracker is not None:

@@ -25,11 +25,12 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from gram.config import ConfigError, to_dict
+from gram.loss import LossKind
 from gram.train import OptimConfig
 from jobs.common.secrets import redact
 from jobs.common.tracking import TrackingConfig
@@ -38,12 +39,15 @@ from pipelines.storage import S3Config
 
 log = logging.getLogger("gram.train")
 
-LossKind = Literal["gram", "cosine_anchor", "cosine_all"]
-
 
 @dataclass
 class DataSection:
-    """Shards to train on. URIs are folders holding `index.json` + `*.tar` (local or s3://)."""
+    """Shards to train on. URIs are folders holding `index.json` + `*.tar` (local or s3://).
+
+    cache_decoded: keep every decoded sample in memory after the first epoch (frames and
+    audio decoded; augmentation still runs every epoch), up to cache_mib MiB per worker
+    and per data set, so later epochs neither read nor decode them: for data sets that
+    fit in memory, and eval sets."""
 
     train: str = ""
     eval: str = ""
@@ -53,20 +57,47 @@ class DataSection:
     prefetch_batches: int = 4
     eval_max_batches: int = 0
     audit_dir: str = ""
+    cache_decoded: bool = False
+    cache_mib: int = 1024
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1 (per worker), got {self.batch_size}")
         if self.decode_threads < 1 or self.prefetch_batches < 1:
             raise ConfigError("data.decode_threads and data.prefetch_batches must be >= 1")
+        if self.cache_mib < 1:
+            raise ConfigError(f"data.cache_mib must be >= 1, got {self.cache_mib}")
 
 
 @dataclass
 class LossSection:
+    """kind: gram | cosine_anchor (text-video, text-audio) | cosine_all (every pair).
+    cosine_weight: with kind gram, add this times the text-anchored cosine loss (its own
+    learnable temperature); > 0 fixes the sign of the embeddings, which the volume
+    cannot see. warmup_kind / warmup_steps: train with that loss for the first steps,
+    then with `kind` (e.g. cosine_anchor, then gram: the two-stage regime in one run)."""
+
     kind: LossKind = "gram"
     temperature: float = 0.07
     learn_temperature: bool = True
     label_smoothing: float = 0.1
+    cosine_weight: float = 0.0
+    warmup_kind: LossKind | None = None
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cosine_weight < 0:
+            raise ConfigError(f"loss.cosine_weight must be >= 0, got {self.cosine_weight}")
+        if self.cosine_weight and self.kind != "gram":
+            raise ConfigError(
+                f"loss.cosine_weight adds a cosine term to loss.kind=gram; {self.kind!r} is a "
+                "cosine loss already (set loss.cosine_weight=0)"
+            )
+        if (self.warmup_kind is None) != (self.warmup_steps == 0) or self.warmup_steps < 0:
+            raise ConfigError(
+                "loss.warmup_kind and loss.warmup_steps go together: name the warm-up loss "
+                "and give its steps (>= 1), or leave both unset"
+            )
 
 
 @dataclass
@@ -94,17 +125,30 @@ class ScalingSection:
 @dataclass
 class CheckpointSection:
     """storage: Ray Train storage path (local folder or s3://bucket/prefix); runs live in
-    `<storage>/<name>`. resume_from: a checkpoint folder URI to start from (weights,
-    optimizer and counters) when the run has no checkpoint of its own yet."""
+    `<storage>/<name>`. resume_from: a checkpoint folder URI to continue (weights, optimizer,
+    schedule and counters) when the run has no checkpoint of its own yet. init_from: start a
+    new run from the weights of a checkpoint (folder or model.safetensors, local or s3://) or
+    a registered model (models:/NAME@ALIAS, models:/NAME/VERSION), with a fresh optimizer,
+    schedule, step counter, loss temperature and MLflow run; init_modules: the parts to take
+    (all, or modality names such as [video, audio], or dam), the rest starts at random."""
 
     storage: str = "runs"
     every_steps: int = 100
     keep: int = 3
     resume_from: str = ""
+    init_from: str = ""
+    init_modules: list[str] = field(default_factory=lambda: ["all"])
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep < 1:
             raise ConfigError("checkpoint.every_steps and checkpoint.keep must be >= 1")
+        if self.resume_from and self.init_from:
+            raise ConfigError(
+                "checkpoint.resume_from continues a run and checkpoint.init_from starts a new "
+                "one from another model's weights: set one of them"
+            )
+        if not self.init_modules:
+            raise ConfigError("checkpoint.init_modules must name at least one part (or all)")
 
 
 @dataclass
@@ -159,6 +203,8 @@ class Progress:
     mlflow_run_id: str = ""
     data_layout: str = ""
     """What `epoch_step` counts in (`data_layout()`): the position is only meaningful with it."""
+    lineage: dict[str, str] = field(default_factory=dict)
+    """Where the run's first weights came from (`checkpoint.init_from`); empty otherwise."""
 
 
 def data_layout(
