@@ -1,4 +1,4 @@
-"""AV-digits: GRAM volume against pairwise cosine, decided on converged models.
+"""AV-digits: GRAM volume against pairwise cosine, on data where fusion matters.
 
     PYTHONPATH=. python benchmarks/av_digits.py            # full run: 6 arms x 3 seeds
     PYTHONPATH=. python benchmarks/av_digits.py --quick    # smoke run (CI), under 2 minutes
@@ -571,7 +571,7 @@ def _results(runs: Sequence[RunRecord]) -> list[dict[str, object]]:
 
 
 def calibration_check(rows: Sequence[Any]) -> str:
-    """The data rule on this run's own shards: with the converged text-anchored cosine model,
+    """The data rule on this run's own shards: with the trained text-anchored cosine model,
     each modality alone <= 75 % and both together >= 10 points more than the better one."""
     from benchmarks.av_digits_calibrate import ACCEPT_GAIN, ACCEPT_SINGLE, accepted
 
@@ -643,7 +643,7 @@ def write_report(
     runtime = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
     pairs = ", ".join(f"{ARMS[a]} − {ARMS[b]}" for a, b in PAIRS)
     doc = [
-        "# AV-digits: GRAM volume vs pairwise cosine, converged",
+        "# AV-digits: GRAM volume vs pairwise cosine",
         "",
         *_settings_lines(cfg, info),
         calibration_check(rows),
