@@ -322,4 +322,5 @@ def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     rerun = json.loads((out / "results.json").read_text())["runs"]
     for first, second in zip(results["runs"], rerun, strict=True):
         assert second["cached"]
-        assert second["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
+        for split in ("official", "holdout"):
+            assert second["metrics"][split] == pytest.approx(first["metrics"][split], abs=1e-6)
