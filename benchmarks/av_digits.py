@@ -911,6 +911,8 @@ def run(cfg: BenchConfig) -> dict[str, Path]:
     try:
         data, info = prepare_data(cfg)
         data_done = time.perf_counter()
+        if started_ray and cfg.workers == 0 and ray.is_initialized():
+            ray.shutdown()  # local-mode training needs no cluster: free its processes
         runs = train_all(cfg, data)
         train_done = time.perf_counter()
     finally:
