@@ -19,7 +19,7 @@ import json
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,8 @@ class Progress:
     mlflow_run_id: str = ""
     data_layout: str = ""
     """What `epoch_step` counts in (`data_layout()`): the position is only meaningful with it."""
+    lineage: dict[str, str] = field(default_factory=dict)
+    """Where the run's first weights came from (`checkpoint.init_from`); empty otherwise."""
 
 
 def data_layout(
