@@ -120,12 +120,19 @@ class RayCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment entries a client needs to reach this cluster."""
+        """Environment entries a client needs to reach this cluster.
+
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: Ray Train's controller polls its workers every
+        2 s by default, and a `ray.train.report` waits until the previous report was
+        collected, so short test runs that checkpoint every few steps spend much of their
+        time waiting for polls; a driver hands the setting on to its controller and workers.
+        """
         return {
             "RAY_ADDRESS": self.address,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
         }
 
     def _ray(self, *args: str) -> None:
@@ -173,8 +180,11 @@ class RayCluster:
         return self
 
     def stop(self) -> None:
-        # Our processes name our temp folder or our GCS port (`--address=IP:PORT`).
-        kill_tree(_own_pids(str(self.temp_dir), f":{self.port}"))
+        # Our processes name our temp folder or our GCS port (`--address=IP:PORT`). On
+        # SIGTERM the raylets take ~10 s to shut down and the GCS and the autoscaler monitor
+        # do not exit at all; this cluster's state is thrown away, so after a short grace
+        # whatever is left is killed.
+        kill_tree(_own_pids(str(self.temp_dir), f":{self.port}"), timeout=2.0)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -243,6 +253,12 @@ class MlflowServer:
 
     Artifacts go to `artifacts_destination` (e.g. `s3://bucket/prefix` on the S3 test
     server, with its AWS environment in `extra_env`), by default `<root>/artifacts`.
+
+    MLflow's server-side job runner is off (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`,
+    unless `extra_env` says otherwise): it serves GenAI features (scorers, trace rollups)
+    that gram-ray does not use, and it is 8 more processes per server (`huey_consumer`s)
+    that take ~20 CPU-seconds to start, most of it after the server already answers, while
+    the tests run on the same 2 cores.
     """
 
     root: Path
@@ -275,7 +291,7 @@ class MlflowServer:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **self.extra_env},
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.extra_env},
             start_new_session=True,
         )
         wait_for_http(f"{self.url}/health", timeout=120, proc=self.proc)
