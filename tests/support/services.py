@@ -136,8 +136,10 @@ class RayCluster:
         }
 
     def _ray(self, *args: str) -> None:
+        # RAY_ADDRESS reaches every process the nodes start: Ray's own helpers that look the
+        # cluster up by themselves (Ray Train's placement group cleaner) would otherwise
+        # find every other cluster on this machine too and fail.
         env = {**os.environ, **self.env}
-        env.pop("RAY_ADDRESS")
         cmd = [str(VENV_BIN / "ray"), "start", *args, "--disable-usage-stats"]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
         if res.returncode != 0:
@@ -171,8 +173,14 @@ class RayCluster:
                 f"--temp-dir={self.temp_dir}",
                 *self._node_ports(),
             )
-            for _ in range(self.nodes - 1):
-                self._ray(f"--address={self.address}", *self._node_ports())
+            for n in range(1, self.nodes):
+                # Each node its own temp folder, as on separate machines (sharing one, every
+                # node's log monitor would forward every worker's output to the drivers).
+                self._ray(
+                    f"--address={self.address}",
+                    f"--temp-dir={self.temp_dir / f'node{n}'}",
+                    *self._node_ports(),
+                )
             wait_for_http(f"{self.dashboard_url}/api/version", timeout=60)
         except BaseException:
             self.stop()
