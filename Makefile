@@ -6,13 +6,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help setup ffmpeg test lint typecheck demo bench clean
+.PHONY: help setup ffmpeg test test-slow lint typecheck demo bench clean
 
 help:
-	@echo "make demo   set up, then run the whole pipeline end to end on local Ray + sqlite MLflow"
-	@echo "make test   set up, then lint, type-check and run the full test suite"
-	@echo "make setup  create $(VENV) with every Python dependency and install ffmpeg"
-	@echo "make bench  run the speed benchmarks in benchmarks/ (about 30 minutes)"
+	@echo "make demo       set up, then run the whole pipeline end to end on local Ray + sqlite MLflow"
+	@echo "make test       set up, then lint, type-check and run the test suite (every behaviour, small sizes)"
+	@echo "make test-slow  the long load and soak runs of tests/load (about 5 minutes on 2 cores):"
+	@echo "                2,000 clips preprocessed, driver memory growing < 150 MiB after 30% of the run;"
+	@echo "                2,000 training steps, rank-0 memory growing < 40 MiB, throughput > 60% of its start"
+	@echo "make setup      create $(VENV) with every Python dependency and install ffmpeg"
+	@echo "make bench      run the speed benchmarks in benchmarks/ (about 30 minutes)"
 
 setup: $(STAMP) ffmpeg
 
@@ -44,6 +47,10 @@ test: setup
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The long load and soak runs: deselected from `make test` by the `load` marker (pyproject.toml).
+test-slow: setup
+	$(PY) -m pytest -m load tests/load $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m jobs.demo

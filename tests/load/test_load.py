@@ -1,5 +1,7 @@
 """Load: thousands of clips preprocessed with flat memory; 2,000 training steps without memory
-growth or throughput decay. Real processes on the session Ray cluster; sizes fit CI."""
+growth or throughput decay. Real processes on the session Ray cluster.
+
+Not part of `make test` (the `load` marker is deselected there): `make test-slow` runs them."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pipelines.samples_to_shards import write_sample_shards
 from pipelines.synthetic import ClipSpec, make_clip, write_jsonl
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.load
 
 
 class RssSampler:

@@ -1,17 +1,15 @@
 """The S3 endpoint goes away mid-run and comes back: retries carry the run through.
 
-A small TCP proxy stands between the pipeline and the real moto server; taking
-it down refuses and cuts every connection (what a restarting MinIO looks
-like to clients) while the stored data survives, so the output can be
-compared with a run that saw no outage.
+A small TCP proxy (tests/support/proxy.py) stands between the pipeline and the real moto
+server; taking it down refuses and cuts every connection (what a restarting MinIO looks
+like to clients) while the stored data survives, so the output can be compared with a run
+that saw no outage.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import socket
 import threading
 import time
 from dataclasses import replace
@@ -22,77 +20,9 @@ from jobs.preprocess import run
 from pipelines import storage
 from pipelines.config import PreprocessConfig
 from pipelines.storage import S3Config, StorageError
-from tests.support.services import free_port
+from tests.support.proxy import FlakyProxy, reachable
 
 pytestmark = pytest.mark.slow
-
-
-class FlakyProxy:
-    """Forwards 127.0.0.1:port to a target port until `down()`; `up()` listens again."""
-
-    def __init__(self, target_port: int) -> None:
-        self.port = free_port()
-        self.target = target_port
-        self._listener: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def up(self) -> None:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(64)
-        self._listener = sock
-        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
-
-    def down(self) -> None:
-        with self._lock:
-            if self._listener is not None:
-                with contextlib.suppress(OSError):  # wakes the blocked accept() (Linux)
-                    self._listener.shutdown(socket.SHUT_RDWR)
-                self._listener.close()
-                self._listener = None
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-            self._conns.clear()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(("127.0.0.1", self.target))
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-
-def _reachable(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -144,7 +74,7 @@ def test_outage_mid_run_is_survived_and_output_is_unchanged(
             time.sleep(0.05)
         proxy.down()
         # Down for real, and while the run still had shards to fetch, make and write.
-        outage_seen.append(not _reachable(proxy.port))
+        outage_seen.append(not reachable(proxy.port))
         outage_seen.append(not storage.exists(f"{output}/_state/shard-000003.json", s3=direct))
         time.sleep(3.0)
         proxy.up()

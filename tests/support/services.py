@@ -120,17 +120,26 @@ class RayCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment entries a client needs to reach this cluster."""
+        """Environment entries a client needs to reach this cluster.
+
+        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: Ray Train's controller polls its workers every
+        2 s by default, and a `ray.train.report` waits until the previous report was
+        collected, so short test runs that checkpoint every few steps spend much of their
+        time waiting for polls; a driver hands the setting on to its controller and workers.
+        """
         return {
             "RAY_ADDRESS": self.address,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
             "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
         }
 
     def _ray(self, *args: str) -> None:
+        # RAY_ADDRESS reaches every process the nodes start: Ray's own helpers that look the
+        # cluster up by themselves (Ray Train's placement group cleaner) would otherwise
+        # find every other cluster on this machine too and fail.
         env = {**os.environ, **self.env}
-        env.pop("RAY_ADDRESS")
         cmd = [str(VENV_BIN / "ray"), "start", *args, "--disable-usage-stats"]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
         if res.returncode != 0:
@@ -164,8 +173,14 @@ class RayCluster:
                 f"--temp-dir={self.temp_dir}",
                 *self._node_ports(),
             )
-            for _ in range(self.nodes - 1):
-                self._ray(f"--address={self.address}", *self._node_ports())
+            for n in range(1, self.nodes):
+                # Each node its own temp folder, as on separate machines (sharing one, every
+                # node's log monitor would forward every worker's output to the drivers).
+                self._ray(
+                    f"--address={self.address}",
+                    f"--temp-dir={self.temp_dir / f'node{n}'}",
+                    *self._node_ports(),
+                )
             wait_for_http(f"{self.dashboard_url}/api/version", timeout=60)
         except BaseException:
             self.stop()
@@ -173,8 +188,11 @@ class RayCluster:
         return self
 
     def stop(self) -> None:
-        # Our processes name our temp folder or our GCS port (`--address=IP:PORT`).
-        kill_tree(_own_pids(str(self.temp_dir), f":{self.port}"))
+        # Our processes name our temp folder or our GCS port (`--address=IP:PORT`). On
+        # SIGTERM the raylets take ~10 s to shut down and the GCS and the autoscaler monitor
+        # do not exit at all; this cluster's state is thrown away, so after a short grace
+        # whatever is left is killed.
+        kill_tree(_own_pids(str(self.temp_dir), f":{self.port}"), timeout=2.0)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
@@ -243,6 +261,12 @@ class MlflowServer:
 
     Artifacts go to `artifacts_destination` (e.g. `s3://bucket/prefix` on the S3 test
     server, with its AWS environment in `extra_env`), by default `<root>/artifacts`.
+
+    MLflow's server-side job runner is off (`MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false`,
+    unless `extra_env` says otherwise): it serves GenAI features (scorers, trace rollups)
+    that gram-ray does not use, and it is 8 more processes per server (`huey_consumer`s)
+    that take ~20 CPU-seconds to start, most of it after the server already answers, while
+    the tests run on the same 2 cores.
     """
 
     root: Path
@@ -275,7 +299,7 @@ class MlflowServer:
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **self.extra_env},
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.extra_env},
             start_new_session=True,
         )
         wait_for_http(f"{self.url}/health", timeout=120, proc=self.proc)

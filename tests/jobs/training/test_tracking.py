@@ -1,4 +1,8 @@
-"""MLflow tracking against a real `mlflow server`: logging survives the server going away."""
+"""MLflow tracking against a real `mlflow server`: logging survives the server going away.
+
+The outages are made by a TCP proxy between the tracker and the session's server
+(tests/support/proxy.py): down, it refuses and cuts every connection, as a stopped or
+restarting server does, and the server's store is the same once it is back up."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from mlflow import MlflowClient
 
 from jobs.cluster.secrets import REDACTED
 from jobs.training.tracking import Tracker, TrackingConfig, flatten
-from tests.support.services import MlflowServer
+from tests.support.proxy import FlakyProxy
 
 
 def test_flatten_nests_and_redacts():
@@ -72,15 +76,16 @@ def test_resumed_run_with_changed_params_keeps_logging(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_server_outage_warns_keeps_going_and_delivers_after_return(tmp_path, caplog):
-    server = MlflowServer(root=tmp_path / "srv").start()
+def test_server_outage_warns_keeps_going_and_delivers_after_return(mlflow_server, caplog):
+    server = FlakyProxy(mlflow_server.port)
+    server.up()
     try:
         cfg = TrackingConfig(tracking_uri=server.url, experiment="outage", retry_seconds=0.5)
         tracker = Tracker(cfg, run_name="outage")
         tracker.log_metrics({"loss": 0.0}, step=0)
         run_id = tracker.wait_for_run(timeout=60)
         assert run_id is not None
-        server.stop()
+        server.down()
         with caplog.at_level(logging.WARNING, logger="jobs.training.tracking"):
             start = time.monotonic()
             for step in range(1, 51):
@@ -90,23 +95,23 @@ def test_server_outage_warns_keeps_going_and_delivers_after_return(tmp_path, cap
             while "unreachable" not in caplog.text and time.monotonic() < deadline:
                 time.sleep(0.2)
             assert "metrics are not being logged" in caplog.text
-            server.start()
+            server.up()
             assert tracker.close(timeout=120)
             assert "reachable again" in caplog.text
         history = MlflowClient(tracking_uri=server.url).get_metric_history(run_id, "loss")
         assert sorted(m.step for m in history) == list(range(51))
     finally:
-        server.stop()
+        server.down()
 
 
 @pytest.mark.slow
-def test_start_while_server_is_down_then_resume_existing_run(tmp_path):
-    server = MlflowServer(root=tmp_path / "srv")
+def test_start_while_server_is_down_then_resume_existing_run(mlflow_server):
+    server = FlakyProxy(mlflow_server.port)  # down until its first up()
     cfg = TrackingConfig(tracking_uri=server.url, experiment="late", retry_seconds=0.5)
     tracker = Tracker(cfg, run_name="late")
     tracker.log_metrics({"loss": 1.0}, step=0)
     assert tracker.wait_for_run(timeout=2) is None
-    server.start()
+    server.up()
     try:
         assert tracker.close(timeout=120)
         first = tracker.run_id
@@ -119,4 +124,4 @@ def test_start_while_server_is_down_then_resume_existing_run(tmp_path):
         ]
         assert sorted(steps) == [0, 1]
     finally:
-        server.stop()
+        server.down()

@@ -2,7 +2,9 @@
 S3, gradient equivalence, a killed worker, explicit resume and a restarted job.
 
 Every run is the real entry point (`python -m jobs.train`) in a subprocess that joins the
-session cluster (RAY_ADDRESS and the auth token come from the `ray_cluster` fixture).
+session cluster (RAY_ADDRESS and the auth token come from the `ray_cluster` fixture), or,
+where Ray Train is not what a test is about, runs the loop in its own process
+(`scaling.workers=0`, local mode: none of Ray Train's start-up).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from safetensors.torch import load_file
 
 from gram.synthetic import SyntheticClips
 from pipelines.samples_to_shards import write_sample_shards
+from tests.support.proxy import FlakyProxy
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = REPO / "jobs" / "configs" / "train.yaml"
@@ -223,7 +226,9 @@ def test_two_workers_with_half_batches_equal_one_worker_with_the_whole_batch(tmp
         "optim.eps=1.0",
         "optim.weight_decay=0.0",
     ]
-    one = _train(tmp_path / "w1", "name=w1", "scaling.workers=1", "data.batch_size=16", *common)
+    # The whole batch in one process (local mode: no Ray Train start-up for the reference),
+    # then half of it on each of two Ray Train workers.
+    one = _train(tmp_path / "w1", "name=w1", "scaling.workers=0", "data.batch_size=16", *common)
     two = _train(tmp_path / "w2", "name=w2", "scaling.workers=2", "data.batch_size=8", *common)
     w1, w2 = _weights(_final_checkpoint(one.stdout)), _weights(_final_checkpoint(two.stdout))
     init = _weights_at_init()
@@ -319,12 +324,15 @@ def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
         assert len(keys) == len(set(keys)) == 48
 
 
-def test_explicit_resume_continues_the_step_count_and_the_schedule(tmp_path, ray_cluster, shards):
+def test_explicit_resume_continues_the_step_count_and_the_schedule(tmp_path, shards):
     """A new run started from another run's step-5 checkpoint ends at step 10 with the
-    learning rates and the weights of the run that went to step 10 straight."""
+    learning rates and the weights of the run that went to step 10 straight. Both run in
+    local mode: `checkpoint.resume_from` is the same code with Ray Train workers (a run
+    resumed by Ray Train itself is tested with a killed worker and a killed job)."""
     common = [
         f"data.train={shards['train']}",
         "data.eval=",
+        "scaling.workers=0",
         "data.batch_size=4",
         "optim.warmup_steps=3",
         "max_steps=10",
@@ -430,10 +438,13 @@ def test_local_mode_trains_without_a_cluster_keeps_checkpoints_and_resumes(tmp_p
     assert sheet.file_size > 10_000
 
 
-def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster, shards):
-    from tests.support.services import MlflowServer
-
-    server = MlflowServer(root=tmp_path / "mlflow").start()
+def test_training_goes_on_while_the_mlflow_server_is_down(
+    tmp_path, ray_cluster, mlflow_server, shards
+):
+    """The session's server behind a proxy that is taken down from step 3 to step 12 (to
+    the job, a server that stopped and came back; see tests/support/proxy.py)."""
+    server = FlakyProxy(mlflow_server.port)
+    server.up()
     audit = tmp_path / "audit"
     proc = subprocess.Popen(
         _cmd(
@@ -445,6 +456,7 @@ def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster,
             "data.batch_size=2",
             "epochs=2",
             f"tracking.tracking_uri={server.url}",
+            "tracking.experiment=mlflow-down",
             "tracking.retry_seconds=1",
         ),
         cwd=REPO,
@@ -454,21 +466,17 @@ def test_training_goes_on_while_the_mlflow_server_is_down(tmp_path, ray_cluster,
     )
     try:
         _wait_for(lambda: _max_step(audit / "rank0.jsonl") >= 3, 300, "step 3", proc)
-        server.stop()
+        server.down()
         _wait_for(lambda: _max_step(audit / "rank0.jsonl") >= 12, 300, "step 12 while down", proc)
-        server.start()
+        server.up()
         out, _ = proc.communicate(timeout=600)
     finally:
         if proc.poll() is None:
             proc.kill()
-        server.stop()
+        server.down()
     assert proc.returncode == 0, out[-4000:]
     assert "metrics are not being logged" in out
     assert "reachable again" in out
-    server.start()
-    try:
-        history = MlflowClient(tracking_uri=server.url).get_metric_history(_run_id(out), "loss")
-    finally:
-        server.stop()
+    history = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(_run_id(out), "loss")
     steps = sorted(m.step for m in history)
     assert steps == list(range(1, 25)), out[-6000:]  # nothing lost
