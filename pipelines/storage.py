@@ -284,7 +284,10 @@ def _with_retries(cfg: S3Config, op: str, uri: str, fn: Callable[[], T]) -> T:
 
 
 def _cfg(s3: S3Config | None) -> S3Config:
-    return s3 if s3 is not None else S3Config()
+    """The settings a call uses: endpoint and region from this process's environment where
+    the config leaves them empty, so that AWS_ENDPOINT_URL and AWS_DEFAULT_REGION mean what
+    `s3.endpoint_url` and `s3.region` mean (path-style addressing, the signing region)."""
+    return (s3 if s3 is not None else S3Config()).located()
 
 
 # --- public operations ---------------------------------------------------------------------
@@ -637,7 +640,7 @@ def pyarrow_filesystem(uri: str, *, s3: S3Config | None = None) -> tuple[Any, st
 
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(_local(uri))
-    cfg = _cfg(s3).located()
+    cfg = _cfg(s3)
     kwargs: dict[str, Any] = {"region": cfg.region or "us-east-1"}
     if cfg.access_key_id:
         kwargs.update(
