@@ -336,7 +336,8 @@ def log_pyfunc_model(
     if mlflow.get_tracking_uri() != client.tracking_uri:
         raise RuntimeError(
             f"MLflow points at {mlflow.get_tracking_uri()}, not {client.tracking_uri}: "
-            "register within the job's settings (JobSettings.applied)"
+            "register within the job's settings (JobSettings.applied), in a process that "
+            "has not called mlflow.set_tracking_uri"
         )
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
