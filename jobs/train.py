@@ -26,7 +26,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from gram.config import ConfigError, to_dict
@@ -186,6 +186,26 @@ def connect_for_training() -> bool:
     )
 
 
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its local paths made absolute, as this (the driver's) working
+    directory means them: the workers run in other folders, or on other nodes."""
+    data, ckpt = cfg.data, cfg.checkpoint
+    return replace(
+        cfg,
+        data=replace(
+            data,
+            train=storage.absolute(data.train),
+            eval=storage.absolute(data.eval),
+            audit_dir=storage.absolute(data.audit_dir),
+        ),
+        checkpoint=replace(
+            ckpt,
+            storage=storage.absolute(ckpt.storage),
+            resume_from=storage.absolute(ckpt.resume_from),
+        ),
+    )
+
+
 def _resumed_run_id(cfg: TrainConfig, s3: S3Config) -> str:
     """The MLflow run of an earlier attempt with this name, from its latest checkpoint."""
     saved = run_checkpoints(storage.join(cfg.checkpoint.storage, cfg.name), s3)
@@ -203,6 +223,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainCallback] = ()) -> TrainResul
     are reached as `JobSettings` resolves them here; the workers get the same settings."""
     if not cfg.data.train:
         raise ConfigError("data.train is required: the folder of a preprocessing output")
+    cfg = _absolute_paths(cfg)
     settings = JobSettings.resolve(cfg.tracking.tracking_uri, cfg.s3)
     with settings.applied():
         return _fit(cfg, settings, callbacks)

@@ -43,6 +43,7 @@ __all__ = [
     "S3Config",
     "StorageError",
     "StorageNotFoundError",
+    "absolute",
     "delete",
     "download",
     "exists",
@@ -167,6 +168,15 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 def _local(uri: str) -> Path:
     return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def absolute(uri: str) -> str:
+    """`uri` as every process of a job can use it: an `s3://` URI as it is, a local path
+    made absolute (a relative path means the working directory of the process that calls
+    this, the job's driver; its workers run in other folders); '' stays ''."""
+    if not uri or is_s3(uri):
+        return uri
+    return os.path.abspath(_local(uri))
 
 
 def join(base: str, *parts: str) -> str:
