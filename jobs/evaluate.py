@@ -16,6 +16,7 @@ which is what `jobs.promote` compares. Exit status: 0 done, 2 configuration erro
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -25,11 +26,13 @@ from pathlib import Path
 
 from jobs.common.entry import EXIT_OK, job_main
 from jobs.common.settings import JobSettings
-from jobs.evaluation.scoring import EvalConfig, EvaluationResult, evaluate_files
+from jobs.evaluation.scoring import EvalConfig, EvaluationResult, evaluate_files, sign_warnings
 from jobs.registry.models import experiment_for, log_evaluation, resolve_model, tag_eval_metrics
 from jobs.training.tracking import TrackingConfig
 from pipelines import storage
 from pipelines.storage import S3Config
+
+log = logging.getLogger("gram.evaluate")
 
 HEADLINE = (
     ("volume_t2i_r1", "text -> (video+audio) R@1, volume"),
@@ -97,6 +100,9 @@ def run(cfg: EvaluateConfig) -> tuple[EvaluationResult, str]:
     for key, label in HEADLINE:
         if key in result.metrics:
             print(f"  {label:<42} {result.metrics[key]:6.2f}")
+    for line in sign_warnings(result.report["signs"]):
+        log.warning("%s", line)
+        print(f"  warning: {line}")
     print(f"  report: {storage.join(output, 'report.json')}")
     if run_id:
         print(f"  MLflow run: {run_id} at {tracking_uri}")

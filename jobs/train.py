@@ -18,6 +18,21 @@ This file declares the job's config (`TrainConfig`) and runs the driver: it read
 shard listings, plans the steps, starts the MLflow run and hands the loop of
 jobs/training/loop.py to Ray Train (see that module for how the two avoid importing each
 other). Exit status: 0 done, 1 training failed, 2 configuration error.
+Starting points and losses:
+  checkpoint.resume_from=URI    continue a run from its checkpoint (optimizer, schedule, step)
+  checkpoint.init_from=URI      a new run from another model's weights: a checkpoint folder or
+                                model.safetensors (local or s3://), or models:/NAME@ALIAS
+                                (or models:/NAME/VERSION); fresh optimizer, schedule, step
+                                counter, loss temperature and MLflow run; the source is
+                                recorded in state.json and as gram.init_from* MLflow tags
+  checkpoint.init_modules=[..]  what to take from it: all (default), or modality names
+                                (e.g. [video,audio]: encoder + projection each), or dam
+  loss.cosine_weight=L          kind=gram plus L x the text-anchored cosine loss, each term with
+                                its own learnable temperature, both logged (L > 0 fixes the
+                                sign of the embeddings, which the volume cannot see)
+  loss.warmup_kind=K loss.warmup_steps=N
+                                train with loss K for the first N steps, then with loss.kind
+                                (e.g. cosine_anchor then gram: the two-stage regime, one job)
 """
 
 from __future__ import annotations
@@ -27,15 +42,17 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 from gram.config import ConfigError, to_dict
+from gram.loss import LossKind
 from gram.shards import steps_per_epoch
 from gram.steps import OptimConfig
 from jobs.common.entry import EXIT_OK, job_main
 from jobs.common.git import git_commit
 from jobs.common.settings import JobSettings
 from jobs.training.checkpoints import run_checkpoints, storage_filesystem
+from jobs.training.init_from import lineage_tags, resolve_init_source
 from jobs.training.loop import RunPlan, SampleAudit, TrainCallback, train_loop_per_worker
 from jobs.training.tracking import Tracker, TrackingConfig
 from pipelines import storage
@@ -55,12 +72,15 @@ __all__ = [
     "run",
 ]
 
-LossKind = Literal["gram", "cosine_anchor", "cosine_all"]
-
 
 @dataclass
 class DataConfig:
-    """Shards to train on. URIs are folders holding `index.json` + `*.tar` (local or s3://)."""
+    """Shards to train on. URIs are folders holding `index.json` + `*.tar` (local or s3://).
+
+    cache_decoded: keep every decoded sample in memory after the first epoch (frames and
+    audio decoded; augmentation still runs every epoch), up to cache_mib MiB per worker
+    and per data set, so later epochs neither read nor decode them: for data sets that
+    fit in memory, and eval sets."""
 
     train: str = ""
     eval: str = ""
@@ -70,20 +90,47 @@ class DataConfig:
     prefetch_batches: int = 4
     eval_max_batches: int = 0
     audit_dir: str = ""
+    cache_decoded: bool = False
+    cache_mib: int = 1024
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1 (per worker), got {self.batch_size}")
         if self.decode_threads < 1 or self.prefetch_batches < 1:
             raise ConfigError("data.decode_threads and data.prefetch_batches must be >= 1")
+        if self.cache_mib < 1:
+            raise ConfigError(f"data.cache_mib must be >= 1, got {self.cache_mib}")
 
 
 @dataclass
 class LossConfig:
+    """kind: gram | cosine_anchor (text-video, text-audio) | cosine_all (every pair).
+    cosine_weight: with kind gram, add this times the text-anchored cosine loss (its own
+    learnable temperature); > 0 fixes the sign of the embeddings, which the volume
+    cannot see. warmup_kind / warmup_steps: train with that loss for the first steps,
+    then with `kind` (e.g. cosine_anchor, then gram: the two-stage regime in one run)."""
+
     kind: LossKind = "gram"
     temperature: float = 0.07
     learn_temperature: bool = True
     label_smoothing: float = 0.1
+    cosine_weight: float = 0.0
+    warmup_kind: LossKind | None = None
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.cosine_weight < 0:
+            raise ConfigError(f"loss.cosine_weight must be >= 0, got {self.cosine_weight}")
+        if self.cosine_weight and self.kind != "gram":
+            raise ConfigError(
+                f"loss.cosine_weight adds a cosine term to loss.kind=gram; {self.kind!r} is a "
+                "cosine loss already (set loss.cosine_weight=0)"
+            )
+        if (self.warmup_kind is None) != (self.warmup_steps == 0) or self.warmup_steps < 0:
+            raise ConfigError(
+                "loss.warmup_kind and loss.warmup_steps go together: name the warm-up loss "
+                "and give its steps (>= 1), or leave both unset"
+            )
 
 
 @dataclass
@@ -111,17 +158,30 @@ class ScalingConfig:
 @dataclass
 class CheckpointConfig:
     """storage: Ray Train storage path (local folder or s3://bucket/prefix); runs live in
-    `<storage>/<name>`. resume_from: a checkpoint folder URI to start from (weights,
-    optimizer and counters) when the run has no checkpoint of its own yet."""
+    `<storage>/<name>`. resume_from: a checkpoint folder URI to continue (weights, optimizer,
+    schedule and counters) when the run has no checkpoint of its own yet. init_from: start a
+    new run from the weights of a checkpoint (folder or model.safetensors, local or s3://) or
+    a registered model (models:/NAME@ALIAS, models:/NAME/VERSION), with a fresh optimizer,
+    schedule, step counter, loss temperature and MLflow run; init_modules: the parts to take
+    (all, or modality names such as [video, audio], or dam), the rest starts at random."""
 
     storage: str = "runs"
     every_steps: int = 100
     keep: int = 3
     resume_from: str = ""
+    init_from: str = ""
+    init_modules: list[str] = field(default_factory=lambda: ["all"])
 
     def __post_init__(self) -> None:
         if self.every_steps < 1 or self.keep < 1:
             raise ConfigError("checkpoint.every_steps and checkpoint.keep must be >= 1")
+        if self.resume_from and self.init_from:
+            raise ConfigError(
+                "checkpoint.resume_from continues a run and checkpoint.init_from starts a new "
+                "one from another model's weights: set one of them"
+            )
+        if not self.init_modules:
+            raise ConfigError("checkpoint.init_modules must name at least one part (or all)")
 
 
 @dataclass
@@ -202,6 +262,7 @@ def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
             ckpt,
             storage=storage.absolute(ckpt.storage),
             resume_from=storage.absolute(ckpt.resume_from),
+            init_from=storage.absolute(ckpt.init_from),
         ),
     )
 
@@ -251,6 +312,9 @@ def _fit(
         )
     total_steps = cfg.max_steps or per_epoch * cfg.epochs
     run_id = _resumed_run_id(cfg, s3)
+    init = None  # a run that has checkpoints of its own resumes from them instead
+    if cfg.checkpoint.init_from and not run_id:
+        init = resolve_init_source(cfg, tracking_uri=settings.tracking_uri, s3=s3)
 
     tracker = Tracker(
         cfg.tracking,
@@ -268,6 +332,9 @@ def _fit(
         }
     )
     tracker.set_tags({"git_commit": git_commit(), "gram.run_name": cfg.name})
+    if init is not None:
+        tracker.set_tags(lineage_tags(init.lineage))
+        print(f"starting from the weights of {init.uri} ({init.lineage['modules']})", flush=True)
     run_id = tracker.wait_for_run(timeout=15) or ""
     where = "in this process (local mode)" if local else f"{world} worker(s)"
     print(
@@ -280,7 +347,7 @@ def _fit(
 
     if cfg.data.audit_dir:
         callbacks = [*callbacks, SampleAudit(cfg.data.audit_dir)]
-    plan = RunPlan(shards, eval_shards, total_steps, per_epoch, run_id)
+    plan = RunPlan(shards, eval_shards, total_steps, per_epoch, run_id, init)
     # Local mode needs no Ray; on a cluster, the workers get the settings with their work.
     connected = not local and connect_for_training()
     try:

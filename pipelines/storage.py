@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import shutil
 import time
 import typing
@@ -67,6 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 U = TypeVar("U")
 
 
@@ -171,10 +173,11 @@ def _local(uri: str) -> Path:
 
 
 def absolute(uri: str) -> str:
-    """`uri` as every process of a job can use it: an `s3://` URI as it is, a local path
-    made absolute (a relative path means the working directory of the process that calls
-    this, the job's driver; its workers run in other folders); '' stays ''."""
-    if not uri or is_s3(uri):
+    """`uri` as every process of a job can use it: a local path (or `file://` URI) made
+    absolute (a relative path means the working directory of the process that calls this,
+    the job's driver; its workers run in other folders); any other URI (`s3://`,
+    `models:/`) and '' as they are."""
+    if not uri or (_SCHEME.match(uri) and not uri.startswith("file:")):
         return uri
     return os.path.abspath(_local(uri))
 

@@ -42,6 +42,16 @@ def test_console_script_is_installed_and_runs():
     assert "scaling.workers" in res.stdout
 
 
+def test_train_help_explains_the_starting_points_and_the_combined_loss(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for key in ("checkpoint.init_from", "checkpoint.init_modules", "loss.cosine_weight"):
+        assert out.count(key) >= 2, key  # explained in the description, listed with its default
+    assert "models:/NAME@ALIAS" in out
+    assert "loss.warmup_kind" in out
+
+
 def test_unknown_command_and_wrong_key_name_the_closest(capsys):
     assert cli.main(["trian"]) == 2
     assert "did you mean 'train'?" in capsys.readouterr().err

@@ -22,7 +22,7 @@ the block's end. A command printed twice runs once. The shell is the one the doc
 the venv's `bin` first on PATH, RAY_ADDRESS and the token of the cluster, the AWS variables
 and the endpoint of the S3 server, MLFLOW_TRACKING_URI of the MLflow server. The working
 directory holds what the docs assume exists: clips (`clips/` with its `captions.jsonl`, and
-`manifest.jsonl` naming them), shards (`shards/eval`, `shards/v1`, `demo-output/shards/eval`),
+`manifest.jsonl` naming them), shards (`shards/eval`, `shards/v1`, `demo-output/shards/`),
 a clip under `/data/clips`, and on S3 the raw clips (`s3://videos/raw/`) and eval shards
 (`s3://bucket/shards/eval`).
 """
@@ -165,6 +165,17 @@ COMMANDS: dict[str, Run | NotHere] = {
     "s3.endpoint_url=http://minio:9000 scaling.workers=16 scaling.use_gpu=true "
     "scaling.cpus_per_worker=8 data.batch_size=64 tracking.tracking_uri=http://mlflow:5000": (
         NotHere("16 GPU workers of 8 CPUs each")
+    ),
+    "gram train --config jobs/configs/train.yaml name=cos loss.kind=cosine_anchor": Run(
+        expect=("done: step 10",)
+    ),
+    "gram train --config jobs/configs/train.yaml name=gram-ft loss.kind=gram "
+    "checkpoint.init_from=demo-output/runs/cos/checkpoint_...": Run(
+        expect=("starting from the weights of",)
+    ),
+    "gram train --config jobs/configs/train.yaml name=av-from-champion "
+    "checkpoint.init_from=models:/gram@champion 'checkpoint.init_modules=[video, audio]'": Run(
+        expect=("starting from the weights of models:/gram/",)
     ),
     # docs/registry.md
     "python -m jobs.evaluate --config jobs/configs/evaluate.yaml "
@@ -391,7 +402,12 @@ def _prepare(root: Path, clips: Path, s3: S3Server) -> None:
     (root / "data" / "clips").mkdir(parents=True)
     shutil.copy(clips / "demo_0000.mp4", root / "data" / "clips" / "a.mp4")
     preprocess(PreprocessConfig(input=str(root / "manifest.jsonl"), output=str(root / "eval")))
-    for target in ("shards/eval", "shards/v1", "demo-output/shards/eval"):
+    for target in (
+        "shards/eval",
+        "shards/v1",
+        "demo-output/shards/train",
+        "demo-output/shards/eval",
+    ):
         shutil.copytree(root / "eval", root / target)
     shutil.rmtree(root / "eval")
     client = s3.client()

@@ -165,7 +165,7 @@ def failed_entry(row: Mapping[str, Any]) -> SheetEntry:
 
 
 def batch_entries(batch: Mapping[str, Any], limit: int = 8) -> list[SheetEntry]:
-    """The first `limit` clips of a collated batch (`gram.data.collate`), as decoded for the
+    """The first `limit` clips of a collated batch (`gram.decode.collate`), as decoded for the
     model: its frames and crop, its audio window, the caption it was given."""
     video: Tensor = batch["video"]  # [B, T, 3, H, W] uint8
     audio: Tensor = batch["audio"]  # [B, S] float32

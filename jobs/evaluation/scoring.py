@@ -13,8 +13,14 @@ names as in the training job's eval metrics, `gram.steps.evaluate`):
         (e.g. volume_video_*, volume_audio_*) over the clips that have all of it.
     cosine_<name>_{t2i,i2t}_*     text vs one modality by cosine (the baselines), over
         the clips that have it.
+    cosine_aligned_<name>_*       the same, sign-aligned: the tower's embeddings negated
+        when the mean cosine of true (caption, clip) pairs is negative (`gram.sign`;
+        the volume cannot see the sign, so a volume-trained tower may point away
+        from its text); equal to the signed values otherwise.
+    sign_positive_cosine_<name>   that mean true-pair cosine; sign_flipped_<name>: 1 if < 0.
     zeroshot_top1 / zeroshot_top5 (volume of class prompt + video + audio),
-    zeroshot_cosine_<name>_top1 / _top5 (class prompt vs one modality).
+    zeroshot_cosine_<name>_top1 / _top5 (class prompt vs one modality), and
+    zeroshot_cosine_aligned_<name>_top1 / _top5 (the same, sign-aligned).
     num_items, num_captions, missing_<name>, skipped_samples, zeroshot_num_items, ...
 
 Scoring is chunked (`chunk_size` rows of the score matrix at a time). The eval
@@ -45,6 +51,7 @@ from gram.classification import class_embeddings, zero_shot_classify
 from gram.config import ConfigError, to_dict
 from gram.model import GramModel
 from gram.retrieval import rank_summary, retrieval_ranks, score_matrix
+from gram.sign import SignCheck, check_signs
 from jobs.cluster.secrets import redact, scrub
 from jobs.common.contact_sheet import top_retrievals
 from jobs.evaluation.embedding import (
@@ -66,6 +73,7 @@ __all__ = [
     "eval_id",
     "evaluate_files",
     "score",
+    "sign_warnings",
 ]
 
 log = logging.getLogger(__name__)
@@ -191,7 +199,7 @@ def _restrict(emb: ClipEmbeddings, columns: Sequence[int]) -> tuple[Tensor, Tens
     return kept, rows, new_index[emb.text_to_item[rows]]
 
 
-def _score_retrieval(emb: ClipEmbeddings, config: EvalConfig) -> _Scored:
+def _score_retrieval(emb: ClipEmbeddings, config: EvalConfig, signs: SignCheck) -> _Scored:
     names = list(emb.items)
     ks = sorted(config.ks)
     metrics: dict[str, float] = {}
@@ -240,6 +248,22 @@ def _score_retrieval(emb: ClipEmbeddings, config: EvalConfig) -> _Scored:
                 emb.text[rows], items, owner, score="cosine", chunk_size=config.chunk_size
             )
             record(f"cosine_{chosen[0]}", chosen, "cosine", False, cos)
+            if chosen[0] in signs.flipped:
+                flipped = retrieval_ranks(
+                    emb.text[rows],
+                    [-items[0]],
+                    owner,
+                    score="cosine",
+                    chunk_size=config.chunk_size,
+                )
+                record(
+                    f"cosine_aligned_{chosen[0]}", chosen, "cosine, sign-aligned", False, flipped
+                )
+            else:
+                signed = {k: v for k, v in metrics.items() if k.startswith(f"cosine_{chosen[0]}_")}
+                metrics.update(
+                    {f"cosine_aligned_{k.removeprefix('cosine_')}": v for k, v in signed.items()}
+                )
     return _Scored(metrics, retrieval, curves)
 
 
@@ -289,7 +313,11 @@ def _prompt(template: str, fields: Sequence[str], values: tuple[str, ...]) -> st
 
 @torch.no_grad()
 def _score_classification(
-    model: GramModel, emb: ClipEmbeddings, config: ClassificationConfig, chunk_size: int
+    model: GramModel,
+    emb: ClipEmbeddings,
+    config: ClassificationConfig,
+    chunk_size: int,
+    signs: SignCheck,
 ) -> tuple[dict[str, float], dict[str, Any]]:
     fields = config.label_fields
     found = [_class_of(lab, fields) for lab in emb.labels]
@@ -342,9 +370,23 @@ def _score_classification(
         cos = zero_shot_classify(
             class_emb, [emb.items[n][kept][has]], labels[has], score="cosine", chunk_size=chunk_size
         )
+        aligned = cos
+        if n in signs.flipped:
+            flipped = [-emb.items[n][kept][has]]
+            aligned = zero_shot_classify(
+                class_emb, flipped, labels[has], score="cosine", chunk_size=chunk_size
+            )
         metrics[f"zeroshot_cosine_{n}_top1"] = cos.top1
         metrics[f"zeroshot_cosine_{n}_top5"] = cos.top5
-        baselines[n] = {"top1": cos.top1, "top5": cos.top5, "items": int(has.sum())}
+        metrics[f"zeroshot_cosine_aligned_{n}_top1"] = aligned.top1
+        metrics[f"zeroshot_cosine_aligned_{n}_top5"] = aligned.top5
+        baselines[n] = {
+            "top1": cos.top1,
+            "top5": cos.top5,
+            "aligned_top1": aligned.top1,
+            "aligned_top5": aligned.top5,
+            "items": int(has.sum()),
+        }
     report = {
         "score": "volume",
         "modalities": names,
@@ -367,8 +409,12 @@ def score(
     model: GramModel, emb: ClipEmbeddings, config: EvalConfig
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """All metrics (flat) and the report sections, from the embeddings of an eval set."""
-    scored = _score_retrieval(emb, config)
+    signs = check_signs(emb.text, emb.items, emb.text_to_item, emb.present)
+    scored = _score_retrieval(emb, config, signs)
     metrics = dict(scored.metrics)
+    for n, mean in signs.mean_positive.items():
+        metrics[f"sign_positive_cosine_{n}"] = mean
+        metrics[f"sign_flipped_{n}"] = float(n in signs.flipped)
     names = list(emb.items)
     counts: dict[str, Any] = {
         "clips": len(emb.keys),
@@ -384,15 +430,31 @@ def score(
         "retrieval": scored.retrieval,
         "recall_curves": scored.curves,
         "volume_distribution": _volume_distribution(emb, config.chunk_size),
+        "signs": {
+            "positive_cosine": {n: _finite(m) for n, m in signs.mean_positive.items()},
+            "flipped": signs.flipped,
+        },
     }
     if config.classification.enabled:
         cls_metrics, report["classification"] = _score_classification(
-            model, emb, config.classification, config.chunk_size
+            model, emb, config.classification, config.chunk_size, signs
         )
         metrics.update(cls_metrics)
     else:
         report["classification"] = {"skipped": "classification.enabled is false"}
     return metrics, report
+
+
+def sign_warnings(signs: dict[str, Any]) -> list[str]:
+    """A warning for every data modality whose true pairs have a negative mean cosine with
+    their caption (the report's `signs` section)."""
+    return [
+        f"the mean cosine of true (caption, {n}) pairs is {signs['positive_cosine'][n]:.3f} < 0: "
+        f"the {n} embeddings point away from their text, so cosine search with them ranks "
+        "true matches last (the volume cannot see the sign). The cosine_aligned_* metrics "
+        f"negate the {n} tower; train with loss.cosine_weight > 0 to fix the sign"
+        for n in signs["flipped"]
+    ]
 
 
 def _pictures(report: dict[str, Any], out_dir: Path) -> list[Path]:

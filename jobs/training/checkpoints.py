@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,8 @@ class Progress:
     mlflow_run_id: str = ""
     data_layout: str = ""
     """What `epoch_step` counts in (`data_layout()`): the position is only meaningful with it."""
+    lineage: dict[str, str] = field(default_factory=dict)
+    """Where the run's first weights came from (`checkpoint.init_from`); empty otherwise."""
 
 
 def data_layout(

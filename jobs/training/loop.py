@@ -25,6 +25,7 @@ config class never has to be pickled, which matters when the job runs as
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -40,11 +41,11 @@ import torch
 import torch.distributed as dist
 
 from gram.config import from_dict
-from gram.decode import DecodeConfig, SampleError, collate, decode_sample
-from gram.loss import build_loss
+from gram.decode import DecodeConfig, SampleError, collate, decode_sample, predecode
+from gram.loss import CurriculumLoss, build_loss
 from gram.model import build_model
 from gram.model_config import model_config
-from gram.shards import RawSample, ShardInfo, ShardLoader
+from gram.shards import DecodedCache, RawSample, ShardInfo, ShardLoader
 from gram.steps import build_optimizer, cosine_schedule, train_step
 from gram.steps import evaluate as retrieval_eval
 from jobs.common.contact_sheet import first_batch_sheet
@@ -59,6 +60,7 @@ from jobs.training.checkpoints import (
     run_checkpoints,
     save_checkpoint_dir,
 )
+from jobs.training.init_from import InitSource, init_weights
 from jobs.training.tracking import Tracker
 from pipelines import storage
 
@@ -82,6 +84,8 @@ class RunPlan:
     total_steps: int
     steps_per_epoch: int
     mlflow_run_id: str
+    init: InitSource | None = None
+    """`checkpoint.init_from`, resolved by the driver: where the first weights come from."""
 
 
 class TrainCallback:
@@ -196,6 +200,9 @@ class TrainLoop:
             temperature=cfg.loss.temperature,
             learn_temperature=cfg.loss.learn_temperature,
             label_smoothing=cfg.loss.label_smoothing,
+            cosine_weight=cfg.loss.cosine_weight,
+            warmup_kind=cfg.loss.warmup_kind,
+            warmup_steps=cfg.loss.warmup_steps,
         )
         schedule = cfg.schedule_steps or plan.total_steps
         self.optim_cfg = replace(
@@ -209,6 +216,7 @@ class TrainLoop:
         self.ddp_model = ray_torch.prepare_model(self.model)
         self.decode_cfg = DecodeConfig.from_model(self.model_cfg)
         self.loader = self._loader(plan.shards, train=True)
+        self.eval_loader = self._loader(plan.eval_shards, train=False)  # one for every evaluation
         self.tracker: Tracker | None = None
         self._sheets: tempfile.TemporaryDirectory[str] | None = None
         if self.rank == 0:
@@ -242,6 +250,13 @@ class TrainLoop:
         elif cfg.checkpoint.resume_from:
             progress = self._restore_from(download_checkpoint(cfg.checkpoint.resume_from, self.s3))
             source = cfg.checkpoint.resume_from
+        elif plan.init is not None:
+            copied = init_weights(
+                self.model, cfg, plan.init, tracking_uri=self.settings.tracking_uri, s3=self.s3
+            )
+            progress.lineage = plan.init.lineage
+            if self.rank == 0:
+                print(f"initialised {copied} weight tensors from {plan.init.uri}", flush=True)
         # The MLflow run is this run's (the driver's), also when starting from another run's.
         progress.mlflow_run_id = plan.mlflow_run_id or progress.mlflow_run_id
         layout = data_layout(
@@ -267,6 +282,9 @@ class TrainLoop:
         def open_shard(url: str) -> Any:
             return storage.open_read(url, s3=s3)
 
+        prepare = functools.partial(predecode, cfg=decode_cfg)
+        cache = DecodedCache(cfg.data.cache_mib, prepare) if cfg.data.cache_decoded else None
+
         def decode(raw: RawSample, rng: random.Random) -> Any:
             try:
                 return decode_sample(raw, decode_cfg, train=train, rng=rng)
@@ -286,6 +304,7 @@ class TrainLoop:
             shuffle_buffer=cfg.data.shuffle_buffer if train else 1,
             decode_threads=cfg.data.decode_threads,
             prefetch_batches=cfg.data.prefetch_batches,
+            cache=cache,
         )
 
     # -- train ------------------------------------------------------------------------------
@@ -314,6 +333,8 @@ class TrainLoop:
     def _step(self, micro: list[Any]) -> None:
         """One optimizer step on the micro-batches `micro`, then what is due after it."""
         cfg, progress = self.cfg, self.progress
+        if isinstance(self.loss, CurriculumLoss):
+            self.loss.set_step(progress.step)
         self.stats = train_step(
             self.ddp_model,
             self.loss,
@@ -366,8 +387,7 @@ class TrainLoop:
         if not self.plan.eval_shards:
             return {}
         limit = self.cfg.data.eval_max_batches or None
-        eval_loader = self._loader(self.plan.eval_shards, train=False)
-        with eval_loader, contextlib.closing(eval_loader.epoch(0)) as batches:
+        with contextlib.closing(self.eval_loader.epoch(0)) as batches:
             found = retrieval_eval(self.ddp_model, batches, max_batches=limit)
         metrics = {f"eval_{k}": v for k, v in found.items()}
         if self.tracker is not None:
@@ -421,6 +441,7 @@ class TrainLoop:
         if self.last_saved != step or final_eval:
             self.checkpoint(step, {**self.stats, **final_eval}, save=True)
         self.loader.close()
+        self.eval_loader.close()
         for callback in self.callbacks:
             callback.on_finish(self.rank)
         if self.tracker is not None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.av_digits import _shard_size, _shard_speakers, _write_view
+from benchmarks.av_digits import _shard_size, arms
 from benchmarks.av_digits_data import (
     AUDIO_RATE,
     IMAGE_SIZE,
@@ -28,12 +28,24 @@ from benchmarks.av_digits_data import (
     mnist_pools,
 )
 from benchmarks.av_digits_eval import ClipEmbeddings, evaluate_embeddings
-from benchmarks.av_digits_report import METHODS, aggregate, table
+from benchmarks.av_digits_report import (
+    ARMS,
+    PAIRS,
+    RULES,
+    aggregate,
+    convergence_table,
+    difference_table,
+    paired_differences,
+    plateau,
+    table,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _recordings(speakers: tuple[str, ...] = ("ann", "bob"), takes: int = 10) -> list[Recording]:
+def _recordings(
+    speakers: tuple[str, ...] = ("george", "jackson", "theo"), takes: int = 10
+) -> list[Recording]:
     return [
         Recording(Path(f"{d}_{s}_{t}.wav"), d, s, t)
         for s in speakers
@@ -53,21 +65,31 @@ def test_mnist_pools_split_every_digit_into_train_and_test() -> None:
         assert max(pools["train"][d]) < min(pools["test"][d])  # first 400 / last 100 per digit
 
 
-def test_make_samples_pairs_same_digit_uses_each_image_once_and_is_deterministic() -> None:
+def test_make_samples_leaves_the_held_out_speaker_out_of_training() -> None:
     labels = np.repeat(np.arange(10), 500)
-    settings = DataSettings(train_takes=(2, 10), test_takes=(0, 2))
+    settings = DataSettings(train_takes=(2, 10), test_takes=(0, 2), holdout_speaker="theo")
     out = make_samples(_recordings(), labels, settings)
-    assert [len(out["train"]), len(out["test"])] == [160, 40]
+    assert [len(out["train"]), len(out["test"]), len(out["holdout"])] == [160, 40, 100]
+    assert {s.speaker for s in out["train"]} == {s.speaker for s in out["test"]}
+    assert {s.speaker for s in out["holdout"]} == {"theo"}  # its training and test takes
+    assert {s.take for s in out["holdout"]} == set(range(10))
+    quick = make_samples(_recordings(), labels, DataSettings(train_takes=(5, 6), test_takes=(0, 1)))
+    assert {s.take for s in quick["holdout"]} == {0, 5}
+    images = [s.image_index for split in out.values() for s in split]
+    assert len(images) == len(set(images))  # every image once
     for split, samples in out.items():
         assert all(labels[s.image_index] == s.digit for s in samples)
-        assert len({s.image_index for s in samples}) == len(samples)
-        assert all((s.take >= 2) == (split == "train") for s in samples)
+        assert all(s.split == split for s in samples)
         speakers = [s.speaker for s in samples]
         assert speakers == sorted(speakers)  # contiguous per speaker
-    assert {s.image_index for s in out["train"]}.isdisjoint(s.image_index for s in out["test"])
+    train_pool = {i for rows in mnist_pools(labels)["train"].values() for i in rows}
+    assert all(s.image_index in train_pool for s in out["train"])
+    assert not any(s.image_index in train_pool for s in out["test"] + out["holdout"])
     assert make_samples(_recordings(), labels, settings) == out
     other = make_samples(_recordings(), labels, DataSettings(seed=1, **_takes(settings)))
     assert [s.image_index for s in other["train"]] != [s.image_index for s in out["train"]]
+    with pytest.raises(ValueError, match="holdout_speaker must be one of"):
+        DataSettings(holdout_speaker="nobody")
 
 
 def _takes(settings: DataSettings) -> dict[str, tuple[int, int]]:
@@ -116,32 +138,6 @@ def test_shard_size_splits_every_speaker_into_whole_shards() -> None:
     assert _shard_size([7, 7]) == 7
 
 
-def test_views_select_speaker_shards(tmp_path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    source = tmp_path / "shards"
-    source.mkdir()
-    shards = [{"name": f"shard-{i:06d}.tar", "samples": 2} for i in range(3)]
-    index = {"input": {"fingerprint": "abc"}, "shards": shards}
-    (source / "index.json").write_text(json.dumps(index))
-    ids = ["train_ann_1_05", "train_ann_2_05", "train_bob_1_05", "train_bob_2_05"]
-    ids += ["train_cat_1_05", "train_cat_2_05"]
-    rows = {"id": ids, "status": ["ok"] * 6, "shard": [s["name"] for s in shards for _ in (0, 1)]}
-    pq.write_table(pa.table(rows), source / "manifest.parquet")
-    speakers = _shard_speakers(source)
-    assert speakers == {
-        "shard-000000.tar": "ann",
-        "shard-000001.tar": "bob",
-        "shard-000002.tar": "cat",
-    }
-    view = _write_view(tmp_path / "view", [(source, ["shard-000001.tar"])])
-    listed = json.loads((view / "index.json").read_text())
-    assert [s["name"] for s in listed["shards"]] == ["../shards/shard-000001.tar"]
-    assert (view / listed["shards"][0]["name"]).resolve() == source / "shard-000001.tar"
-    assert listed["totals"]["samples"] == 2
-
-
 def _embeddings(align: float, n: int = 200) -> ClipEmbeddings:
     """Clips whose video and audio lean towards their class direction by `align`."""
     gen = torch.Generator().manual_seed(0)
@@ -169,26 +165,82 @@ def test_evaluation_separates_aligned_from_random_embeddings() -> None:
     assert good_vol["positive"].mean() < good_vol["negative"].mean()
 
 
-def test_table_reports_mean_and_spread_per_split_and_method() -> None:
-    results = [
+def _metrics(align: float) -> dict[str, float]:
+    metrics = evaluate_embeddings(_embeddings(align=align))[0]
+    return {**metrics, "zs_own": metrics["zs_volume"]}
+
+
+def _results(seeds=(0, 1, 2)):
+    return [
         {
             "split": split,
-            "method": method,
+            "arm": arm,
             "seed": seed,
-            "metrics": evaluate_embeddings(_embeddings(align=float(seed + 1)))[0],
+            "metrics": _metrics(align=float(seed + k)),
         }
         for split in ("official", "holdout")
-        for method in ("gram", "cosine_anchor", "cosine_all")
-        for seed in (0, 1)
+        for k, arm in enumerate(ARMS)
+        for seed in seeds
     ]
-    rows = aggregate(results)
-    assert len(rows) == 6
+
+
+def test_table_reports_every_arm_under_every_rule_per_test_set() -> None:
+    rows = aggregate(_results(seeds=(0, 1)))
+    assert len(rows) == 2 * len(ARMS)
     assert all(r.seeds == (0, 1) for r in rows)
     text = table(rows)
     assert "seeds 0, 1" in text
     assert "±" in text
-    assert text.count("| official split |") == 2 * 3
-    assert text.count("| held-out speaker |") == 6
+    for label in ARMS.values():
+        assert text.count(f"| {label} |") == 4  # 2 test sets x (accuracy, retrieval)
+    for rule in ("volume (t; v, a)", "cos-sum", "cos-sum, sign-aligned", "cos (t, a), aligned"):
+        assert f"| {rule} |" in text or f" {rule} |" in text
+
+
+def test_paired_differences_are_per_seed_with_their_spread() -> None:
+    results = _results()
+    diffs = paired_differences(results, ["zs_volume"])
+    assert [(d.split, d.arm, d.baseline) for d in diffs] == [
+        (split, a, b) for split in ("official", "holdout") for a, b in PAIRS
+    ]
+    by_key = {(r["split"], r["arm"], r["seed"]): r["metrics"] for r in results}
+    for d in diffs:
+        assert d.seeds == (0, 1, 2)
+        want = [
+            by_key[d.split, d.arm, s]["zs_volume"] - by_key[d.split, d.baseline, s]["zs_volume"]
+            for s in d.seeds
+        ]
+        assert list(d.values) == pytest.approx(want)
+        assert d.mean == pytest.approx(sum(want) / 3)
+    assert "| official split |" in difference_table(diffs)
+
+
+def test_plateau_and_the_convergence_table() -> None:
+    falling = [4.0 - 0.001 * i for i in range(1000)]
+    flat = [2.0 + 0.01 * ((i * 7) % 5 - 2) for i in range(1000)]
+    change, ok = plateau(falling)
+    assert not ok
+    assert change == pytest.approx(0.2 / 3.3, rel=0.05)
+    assert plateau(flat)[1]
+    runs = [
+        {"arm": arm, "seed": s, "steps": 1000, "plateau_change": plateau(flat)[0],
+         "final_loss": 2.0, "converged": arm != "gram"}
+        for arm in ARMS for s in (0, 1)
+    ]  # fmt: skip
+    text = convergence_table(runs)
+    assert text.count("| yes |") == len(ARMS) - 1
+    assert "| **no** |" in text
+
+
+def test_every_arm_trains_with_its_loss_and_fine_tunes_start_from_cosine() -> None:
+    plan = arms(cosine_weight=0.5)
+    assert list(plan) == ["cosine_anchor", "gram", "cosine_all", "gram_cosine",
+                          "finetune_gram", "finetune_cosine"]  # fmt: skip
+    assert set(plan) == set(ARMS)
+    assert plan["gram_cosine"].loss == {"kind": "gram", "cosine_weight": 0.5}
+    assert plan["finetune_gram"].parent == plan["finetune_cosine"].parent == "cosine_anchor"
+    assert plan["finetune_gram"].loss["kind"] == "gram"
+    assert plan["finetune_cosine"].loss["kind"] == "cosine_anchor"
 
 
 def test_captions_name_the_digit() -> None:
@@ -199,8 +251,9 @@ def test_captions_name_the_digit() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
-    """`--quick` builds the data, preprocesses, trains 3 losses x 2 splits with the training
-    job, evaluates and writes the table, plots, results and MLflow run (numbers not checked)."""
+    """`--quick` builds the data, preprocesses, trains the six arms with the training job (the
+    fine-tuning arms from the cosine run's checkpoint), evaluates both test sets and writes the
+    tables, plots, results and MLflow run (numbers not checked)."""
     data = shared_data / "av-digits"
     if not (data / "fsdd").is_dir():
         pytest.skip(f"{data} has no fsdd/ recordings")
@@ -226,17 +279,26 @@ def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = (out / "av_digits.md").read_text()
-    assert "Zero-shot classification" in doc
-    assert "Retrieval at class level" in doc
-    for label in METHODS.values():
-        assert doc.count(f"| {label} |") == 4, label  # a row per split in each of the 2 tables
-    assert doc.count("| held-out speaker |") == 6
+    assert "zero-shot classification" in doc
+    assert "retrieval at class level" in doc
+    assert "## Convergence" in doc
+    assert "Calibration check" in doc
+    for label in ARMS.values():
+        assert doc.count(f"| {label} |") == 5, label  # convergence + 2 test sets x 2 tables
+    assert doc.count("| held-out speaker |") == len(PAIRS) * len(RULES)  # paired differences
     for png in ("av_digits_accuracy.png", "av_digits_volumes.png", "av_digits_loss.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
-    assert len(results["runs"]) == 6
-    assert {r["split"] for r in results["runs"]} == {"official", "holdout"}
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert set(runs) == set(ARMS)
+    assert all(set(r["metrics"]) == {"official", "holdout"} for r in runs.values())
+    assert runs["finetune_gram"]["steps"] == 6
+    assert runs["gram"]["steps"] == 10
     assert (out / "mlflow.db").is_file()
+    lineage = json.loads((Path(runs["finetune_gram"]["checkpoint"]) / "state.json").read_text())[
+        "progress"
+    ]["lineage"]
+    assert lineage["init_from"] == runs["cosine_anchor"]["checkpoint"]
     # Shards and runs are cached: a second run reuses both, trains nothing, gets the same numbers.
     again = subprocess.run(
         [
@@ -260,4 +322,5 @@ def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     rerun = json.loads((out / "results.json").read_text())["runs"]
     for first, second in zip(results["runs"], rerun, strict=True):
         assert second["cached"]
-        assert second["metrics"] == pytest.approx(first["metrics"], abs=1e-6)
+        for split in ("official", "holdout"):
+            assert second["metrics"][split] == pytest.approx(first["metrics"][split], abs=1e-6)

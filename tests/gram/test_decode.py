@@ -229,3 +229,23 @@ def test_synthetic_clips_are_real_media_and_need_both_modalities():
     assert (bright.mean(0) - target).abs().max() < 40
     # Deterministic: the same index gives the same bytes.
     assert SyntheticClips(40, seed=5, missing_audio=0.25)[0] == sample
+
+
+def test_predecoded_samples_decode_to_the_same_tensors():
+    from gram.decode import predecode
+
+    raw = labelled_sample()
+    ready = predecode(raw, CFG)
+    assert isinstance(ready["f000.jpg"], np.ndarray)
+    assert isinstance(ready["flac"], np.ndarray)
+    assert isinstance(ready["captions.json"], list)
+    for train in (False, True):
+        want = decode_sample(raw, CFG, train=train, rng=random.Random(4))
+        got = decode_sample(ready, CFG, train=train, rng=random.Random(4))
+        assert got["caption"] == want["caption"]
+        assert torch.equal(got["video"], want["video"])
+        assert torch.equal(got["audio"], want["audio"])
+    broken = {**raw, "f001.jpg": b"not a jpeg"}
+    assert predecode(broken, CFG) == broken  # left as it is: decode_sample reports it
+    with pytest.raises(SampleError, match="not a readable image"):
+        decode_sample(predecode(broken, CFG), CFG, train=False)

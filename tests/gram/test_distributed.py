@@ -2,7 +2,7 @@
 
 Each case builds three projections (text, video, audio) wrapped in real DDP,
 splits a fixed global batch over 2 ranks, and compares the loss and every
-parameter gradient (incl. the loss temperature) with one process holding the
+parameter gradient (incl. the loss temperatures) with one process holding the
 whole batch. A negative control gathers without gradient and must differ.
 """
 
@@ -25,6 +25,7 @@ from gram.distributed import (
     all_gather_with_grad,
     average_gradients,
 )
+from gram.loss import GramCosineLoss
 
 D_IN, D_OUT, N = 12, 8, 8
 
@@ -32,7 +33,7 @@ D_IN, D_OUT, N = 12, 8, 8
 @dataclass(frozen=True)
 class Case:
     name: str
-    loss: str  # gram | cosine_all
+    loss: str  # gram | cosine_all | gram_cosine
     split: tuple[int, int]  # rows on rank 0 and rank 1
     masked: bool
     gather_with_grad: bool = True
@@ -42,6 +43,7 @@ CASES = [
     Case("gram_even", "gram", (4, 4), masked=False),
     Case("gram_uneven_masked", "gram", (3, 5), masked=True),
     Case("cosine_all_masked", "cosine_all", (4, 4), masked=True),
+    Case("gram_cosine_uneven_masked", "gram_cosine", (3, 5), masked=True),
     Case("gram_gather_without_grad", "gram", (4, 4), masked=False, gather_with_grad=False),
 ]
 
@@ -53,8 +55,12 @@ class Towers(nn.Module):
         self.video = nn.Linear(D_IN, D_OUT)
         self.audio = nn.Linear(D_IN, D_OUT)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.text(x[:, 0]), self.video(x[:, 1]), self.audio(x[:, 2])
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "text": self.text(x[:, 0]),
+            "video": self.video(x[:, 1]),
+            "audio": self.audio(x[:, 2]),
+        }
 
 
 def _setup(case: Case):
@@ -62,6 +68,8 @@ def _setup(case: Case):
     model = Towers().double()
     if case.loss == "gram":
         loss = GramLoss(label_smoothing=0.1, gather_with_grad=case.gather_with_grad)
+    elif case.loss == "gram_cosine":
+        loss = GramCosineLoss(cosine_weight=0.5, label_smoothing=0.1)
     else:
         loss = CosineInfoNCELoss(pairs="all", label_smoothing=0.1)
     loss.double()
@@ -76,13 +84,13 @@ def _setup(case: Case):
 
 def _grads(model: nn.Module, loss: nn.Module) -> dict[str, torch.Tensor]:
     out = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-    out["loss.log_temperature"] = loss.log_temperature.grad.detach().clone()
+    out.update({f"loss.{n}": p.grad.detach().clone() for n, p in loss.named_parameters()})
     return out
 
 
 def _single_process(case: Case):
     model, loss, x, mask = _setup(case)
-    value = loss(*model(x), mask=mask)["loss"]
+    value = loss(**model(x), mask=mask)["loss"]
     value.backward()
     return float(value.detach()), _grads(model, loss)
 
@@ -125,7 +133,7 @@ def _worker(rank: int, port: int, queue) -> None:
             ddp = nn.parallel.DistributedDataParallel(model)
             start = 0 if rank == 0 else case.split[0]
             rows = slice(start, start + case.split[rank])
-            value = loss(*ddp(x[rows]), mask=mask[rows])["loss"]
+            value = loss(**ddp(x[rows]), mask=mask[rows])["loss"]
             value.backward()
             average_gradients(loss.parameters())
             total = value.detach().clone()

@@ -101,7 +101,7 @@ def _loader(shards, rank, world, **kw):
         world_size=world,
         seed=3,
         open_shard=lambda url: open(url, "rb"),
-        decode=lambda raw, rng: (raw["__key__"], rng.random()),
+        decode=kw.pop("decode", lambda raw, rng: (raw["__key__"], rng.random())),
         collate=list,
         shuffle_buffer=kw.pop("shuffle_buffer", 7),
         decode_threads=3,
@@ -185,3 +185,62 @@ def test_reading_and_decoding_threads_are_kept_across_epochs_and_closed(tmp_path
     for thread in ours:
         thread.join(timeout=5)
     assert not [t for t in ours if t.is_alive()]
+
+
+def _counting_open(opened: list[str]):
+    def open_shard(url):
+        opened.append(url)
+        return open(url, "rb")
+
+    return open_shard
+
+
+def _prepare(raw):
+    """A stand-in for decoding once: the text member as str, marked as prepared."""
+    return {**raw, "txt": raw["txt"].decode(), "prepared": True}
+
+
+def _decode(raw, rng):
+    text = raw["txt"] if raw.get("prepared") else raw["txt"].decode()
+    return (text, rng.random())
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_decoded_cache_serves_later_epochs_from_memory_with_the_same_batches(tmp_path, world):
+    from gram.shards import DecodedCache
+
+    shards = _dataset(tmp_path, [9, 0, 13, 4, 11])
+    for rank in range(world):
+        plain = _loader(shards, rank, world, decode=_decode)
+        opened: list[str] = []
+        cached = _loader(shards, rank, world, decode=_decode)
+        cached.open_shard = _counting_open(opened)
+        cached.cache = DecodedCache(1.0, _prepare)
+        for epoch in range(3):
+            opened.clear()
+            # Same samples, order and per-sample randomness, whether from disk or memory.
+            assert list(cached.epoch(epoch)) == list(plain.epoch(epoch))
+            if epoch == 0:
+                assert opened, "the first epoch reads the shards"
+            elif world == 1:  # (with 2 ranks a rank's spans move with the shard order)
+                assert not opened, "later epochs come from memory"
+        assert cached.cache.hits > 0
+        assert cached.cache.nbytes <= cached.cache.max_bytes
+        plain.close()
+        cached.close()
+
+
+def test_a_full_decoded_cache_keeps_what_it_holds_and_reads_the_rest(tmp_path):
+    from gram.shards import DecodedCache
+
+    shards = _dataset(tmp_path, [10, 10, 10])
+    cache = DecodedCache(4e-3, _prepare)  # ~4 KiB: room for some samples, not all
+    with _loader(shards, 0, 1, decode=_decode, cache=cache) as loader:
+        first = list(loader.epoch(0))
+        held = len(cache)
+        assert 0 < held < 30
+        assert list(loader.epoch(0)) == first
+        assert len(cache) == held  # nothing evicted, nothing added past the bound
+        assert cache.nbytes <= cache.max_bytes
+    with pytest.raises(ValueError, match="max_mib > 0"):
+        DecodedCache(0, _prepare)

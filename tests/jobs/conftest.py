@@ -40,7 +40,7 @@ class Checkpoints:
 
 
 def _train(folder: Path, steps: int) -> Path:
-    """`tiny` trained for `steps` steps of 32 synthetic clips on one thread (as tests/model)."""
+    """`tiny` trained for `steps` steps of 32 synthetic clips on one thread (as tests/gram)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -319,3 +320,57 @@ def test_configuration_errors_exit_2_and_say_how_to_fix(tmp_path, capsys, checkp
     assert "give a training checkpoint folder" in capsys.readouterr().err
     assert evaluate.main(["eval.parallel.cpus_per_task=0"]) == 2
     assert "cpus_per_task must be > 0" in capsys.readouterr().err
+
+
+def test_a_tower_pointing_away_from_its_text_is_reported_and_sign_aligned(
+    tmp_path, capsys, checkpoints, eval_shards, local_result
+):
+    """The trained model with its video projection negated: every video embedding flips
+    sign. The volume does not change; signed cosine collapses; the sign-aligned metrics
+    equal the original model's; `gram evaluate` warns. (The GRAM-trained model itself
+    may already point a tower away from its text: the volume leaves the sign free.)"""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from jobs import evaluate
+
+    flipped = tmp_path / "flipped"
+    shutil.copytree(checkpoints.good, flipped)
+    weights = flipped / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        header = dict(f.metadata())
+    state = load_file(str(weights))
+    state["projections.video.weight"] = -state["projections.video.weight"]
+    save_file(state, str(weights), metadata=header)
+
+    code = evaluate.main(
+        [
+            f"model={flipped}",
+            f"eval.shards={eval_shards}",
+            "eval.parallel.local=true",
+            "tracking.enabled=false",
+            f"output={tmp_path / 'out'}",
+            *SYNTHETIC_CLASSES,
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "warning: the mean cosine of true (caption, video) pairs is -" in out
+    assert "loss.cosine_weight > 0" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    metrics, good = report["metrics"], local_result.metrics
+    before = set(local_result.report["signs"]["flipped"])
+    assert set(report["signs"]["flipped"]) == before ^ {"video"}
+    assert metrics["sign_flipped_video"] == 1.0 - good["sign_flipped_video"]
+    assert metrics["sign_positive_cosine_video"] == pytest.approx(
+        -good["sign_positive_cosine_video"], abs=1e-5
+    )
+    assert metrics["volume_t2i_r1"] == pytest.approx(good["volume_t2i_r1"])
+    assert metrics["cosine_video_t2i_r1"] != pytest.approx(good["cosine_video_t2i_r1"])
+    for key in ("t2i_r1", "t2i_r5", "i2t_r1", "t2i_medr"):
+        for tower in ("video", "audio"):
+            name = f"cosine_aligned_{tower}_{key}"
+            assert metrics[name] == pytest.approx(good[name]), name
+    assert metrics["zeroshot_cosine_aligned_video_top1"] == pytest.approx(
+        good["zeroshot_cosine_aligned_video_top1"]
+    )

@@ -52,6 +52,7 @@ def _cmd(tmp: Path, *overrides: str) -> list[str]:
         f"checkpoint.storage={tmp / 'runs'}",
         f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
         "log_every_steps=1",
+        "loss.kind=gram",  # the example config trains cosine; these tests read GRAM's metrics
         *overrides,
     ]
 
