@@ -232,7 +232,7 @@ def check_sources(data_dir: Path) -> tuple[Path, Path]:
 def prepare_data(cfg: BenchConfig) -> tuple[Datasets, dict[str, Any]]:
     """Build (or reuse) the media and shards of `cfg.data`: training, official test and
     held-out-speaker sets."""
-    from jobs.cluster.connection import init_ray
+    from jobs.train import connect_for_training
 
     root = cfg.out_dir / "data" / cfg.data.key()
     fsdd, mnist = check_sources(cfg.data_dir)
@@ -256,7 +256,7 @@ def prepare_data(cfg: BenchConfig) -> tuple[Datasets, dict[str, Any]]:
         counts = [sum(s.speaker == spk for s in group) for spk in SPEAKERS]
         outputs[split] = root / "shards" / split
         if not (outputs[split] / "index.json").is_file():
-            init_ray()  # one Ray for all three sets (the job would start its own each time)
+            connect_for_training()  # one Ray for all three sets (a job would start its own)
         info["preprocess"][split] = _preprocess(
             root / f"{split}.jsonl", outputs[split], _shard_size([c for c in counts if c])
         )
@@ -431,7 +431,7 @@ def train_all(cfg: BenchConfig, data: Datasets) -> list[RunRecord]:
     on its share of the CPU threads; with workers, runs share the local Ray's CPUs."""
     import ray
 
-    from jobs.cluster.connection import init_ray
+    from jobs.train import connect_for_training
 
     plans = plan_runs(cfg, data)
     done: dict[str, RunRecord] = {}
@@ -457,7 +457,7 @@ def train_all(cfg: BenchConfig, data: Datasets) -> list[RunRecord]:
         finally:  # on an error or Ctrl-C: start nothing new
             pool.shutdown(wait=False, cancel_futures=True)
     elif todo:
-        init_ray()
+        connect_for_training()
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
         share = max(0.1, min(1.0, math.floor(100 * cpus / cfg.parallel) / 100))  # sum <= cpus
         pool = ThreadPoolExecutor(max_workers=cfg.parallel, thread_name_prefix="train")

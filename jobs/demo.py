@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 from gram.config import ConfigError, config_hash, from_dict, to_dict
-from jobs.cluster.connection import init_ray
 from jobs.common.entry import EXIT_OK, job_main
 from pipelines.synthetic import demo_clips, make_clip, write_jsonl
 
@@ -138,12 +137,13 @@ class DemoSteps:
     def preprocess(self, manifests: dict[str, str]) -> dict[str, str]:
         """Shards of the training renderings and of the evaluation rendering."""
         from jobs.preprocess import run as preprocess_run
+        from jobs.train import connect_for_training
         from pipelines.config import PreprocessConfig
 
         if (done := self._done("shards")) is not None:
             return dict(done["shards"])
         print("[demo] 2/5 preprocessing (one Ray task per shard) ...", flush=True)
-        init_ray()  # one local Ray for every step
+        connect_for_training()  # one local Ray for every step
         combined = self.root / "clips" / "train.jsonl"
         rows = []
         for name in ("train_a", "train_b"):

@@ -25,9 +25,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from jobs.common.entry import EXIT_OK, job_main
+from jobs.common.settings import JobSettings
 from jobs.evaluation.scoring import EvalConfig, EvaluationResult, evaluate_files, sign_warnings
 from jobs.registry.models import experiment_for, log_evaluation, resolve_model, tag_eval_metrics
-from jobs.training.tracking import TrackingConfig, default_tracking_uri
+from jobs.training.tracking import TrackingConfig
 from pipelines import storage
 from pipelines.storage import S3Config
 
@@ -71,9 +72,9 @@ def run(cfg: EvaluateConfig) -> tuple[EvaluationResult, str]:
 
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     output = cfg.output or f"eval-output/{stamp}"
-    tracking_uri = default_tracking_uri(cfg.tracking.tracking_uri)
-    s3 = cfg.s3.resolved()
-    with tempfile.TemporaryDirectory(prefix="gram-evaluate-") as tmp:
+    settings = JobSettings.resolve(cfg.tracking.tracking_uri, cfg.s3)
+    tracking_uri, s3 = settings.tracking_uri, settings.s3
+    with settings.applied(), tempfile.TemporaryDirectory(prefix="gram-evaluate-") as tmp:
         files = resolve_model(cfg.model, tracking_uri=tracking_uri, s3=s3, workdir=Path(tmp))
         local_out = Path(tmp) / "report" if storage.is_s3(output) else Path(output)
         result = evaluate_files(files, cfg.eval, s3, local_out)

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from jobs.common.entry import EXIT_FAILED, EXIT_OK, job_main
+from jobs.common.settings import JobSettings
 from jobs.evaluation.scoring import EvalConfig
 from jobs.registry.lock import LockConfig, LockError, RegistryLock
 from jobs.registry.models import get_version
@@ -42,7 +43,7 @@ from jobs.registry.promotion import (
     record_rollback,
     version_of,
 )
-from jobs.training.tracking import TrackingConfig, default_tracking_uri
+from jobs.training.tracking import TrackingConfig
 from pipelines.storage import S3Config
 
 __all__ = ["EXIT_LOCK", "EXIT_REFUSED", "PromoteConfig", "main", "promote", "rollback", "run"]
@@ -74,17 +75,17 @@ class PromoteConfig:
     s3: S3Config = field(default_factory=S3Config)
 
 
-def promote(cfg: PromoteConfig) -> Outcome:
+def promote(cfg: PromoteConfig, settings: JobSettings) -> Outcome:
     """Gate the version and, if it passes, make it the champion (see the module docstring)."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(default_tracking_uri(cfg.tracking.tracking_uri))
+    client = MlflowClient(settings.tracking_uri)
     candidate = get_version(client, cfg.name, cfg.version)
     version = str(candidate.version)
     metrics = VersionMetrics(
         client,
         cfg.eval,
-        cfg.s3.resolved(),
+        settings.s3,
         output=cfg.output,
         experiment=cfg.tracking.experiment,
     )
@@ -134,11 +135,11 @@ def promote(cfg: PromoteConfig) -> Outcome:
     )
 
 
-def rollback(cfg: PromoteConfig) -> Outcome:
+def rollback(cfg: PromoteConfig, settings: JobSettings) -> Outcome:
     """Move `champion` back to the version aliased `previous` (one step), under the lock."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(default_tracking_uri(cfg.tracking.tracking_uri))
+    client = MlflowClient(settings.tracking_uri)
     with RegistryLock(client, cfg.name, cfg.lock, purpose="rollback") as lock:
         before = version_of(alias_version(client, cfg.name, CHAMPION))
         previous = alias_version(client, cfg.name, PREVIOUS)
@@ -189,8 +190,11 @@ def report(outcome: Outcome, name: str) -> None:
 
 
 def run(cfg: PromoteConfig) -> Outcome:
-    """Roll back when `cfg.rollback`, else promote `cfg.version`; print what happened."""
-    outcome = rollback(cfg) if cfg.rollback else promote(cfg)
+    """Roll back when `cfg.rollback`, else promote `cfg.version`; print what happened.
+    MLflow and S3 are reached as `JobSettings` resolves them, in every step."""
+    settings = JobSettings.resolve(cfg.tracking.tracking_uri, cfg.s3)
+    with settings.applied():
+        outcome = rollback(cfg, settings) if cfg.rollback else promote(cfg, settings)
     report(outcome, cfg.name)
     return outcome
 

@@ -30,6 +30,7 @@ from gram.config import ConfigError
 from jobs.cluster.secrets import scrub
 from jobs.common.entry import EXIT_OK, job_main
 from jobs.common.git import git_commit
+from jobs.common.settings import JobSettings
 from jobs.evaluation.scoring import EvalConfig, evaluate_files
 from jobs.registry.models import (
     experiment_for,
@@ -41,7 +42,7 @@ from jobs.registry.models import (
     training_info,
 )
 from jobs.registry.pyfunc import InferenceConfig
-from jobs.training.tracking import TrackingConfig, default_tracking_uri
+from jobs.training.tracking import TrackingConfig
 from pipelines.storage import S3Config
 
 
@@ -69,12 +70,19 @@ class RegisterConfig:
 
 def run(cfg: RegisterConfig) -> str:
     """Log, register, tag (and evaluate); returns the new version number."""
-    from mlflow import MlflowClient
-
     if not cfg.checkpoint or parse_model_uri(cfg.checkpoint) is not None:
         raise ConfigError("checkpoint must be a training checkpoint folder or model.safetensors")
-    client = MlflowClient(default_tracking_uri(cfg.tracking.tracking_uri))
-    s3 = cfg.s3.resolved()
+    settings = JobSettings.resolve(cfg.tracking.tracking_uri, cfg.s3)
+    with settings.applied():
+        return _register(cfg, settings)
+
+
+def _register(cfg: RegisterConfig, settings: JobSettings) -> str:
+    """`run` with the job's settings applied."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(settings.tracking_uri)
+    s3 = settings.s3
     with tempfile.TemporaryDirectory(prefix="gram-register-") as tmp:
         files = resolve_model(
             cfg.checkpoint, tracking_uri=client.tracking_uri, s3=s3, workdir=Path(tmp)

@@ -41,23 +41,23 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gram.config import ConfigError, to_dict
 from gram.loss import LossKind
 from gram.shards import steps_per_epoch
 from gram.steps import OptimConfig
-from jobs.cluster.connection import init_ray, storage_filesystem
-from jobs.cluster.secrets import WorkerCredentials
 from jobs.common.entry import EXIT_OK, job_main
 from jobs.common.git import git_commit
-from jobs.training.checkpoints import run_checkpoints
+from jobs.common.settings import JobSettings
+from jobs.training.checkpoints import run_checkpoints, storage_filesystem
 from jobs.training.init_from import lineage_tags, resolve_init_source
 from jobs.training.loop import RunPlan, SampleAudit, TrainCallback, train_loop_per_worker
-from jobs.training.tracking import Tracker, TrackingConfig, default_tracking_uri
+from jobs.training.tracking import Tracker, TrackingConfig
 from pipelines import storage
 from pipelines.index import read_listing
+from pipelines.ray_adapter import connect_ray, disconnect_ray
 from pipelines.storage import S3Config
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "ScalingConfig",
     "TrainConfig",
     "TrainResult",
+    "connect_for_training",
     "main",
     "run",
 ]
@@ -236,6 +237,36 @@ class TrainResult:
     seconds: float
 
 
+def connect_for_training() -> bool:
+    """`connect_ray` as a training driver needs Ray: worker prints reach the driver once
+    (Ray Train would also copy them to its logger), and a Ray started here has the
+    dashboard (Ray Train's state API needs it). True when this call connected."""
+    return connect_ray(
+        env_vars={"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}, log_to_driver=True, dashboard=True
+    )
+
+
+def _absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """The config with its local paths made absolute, as this (the driver's) working
+    directory means them: the workers run in other folders, or on other nodes."""
+    data, ckpt = cfg.data, cfg.checkpoint
+    return replace(
+        cfg,
+        data=replace(
+            data,
+            train=storage.absolute(data.train),
+            eval=storage.absolute(data.eval),
+            audit_dir=storage.absolute(data.audit_dir),
+        ),
+        checkpoint=replace(
+            ckpt,
+            storage=storage.absolute(ckpt.storage),
+            resume_from=storage.absolute(ckpt.resume_from),
+            init_from=storage.absolute(ckpt.init_from),
+        ),
+    )
+
+
 def _resumed_run_id(cfg: TrainConfig, s3: S3Config) -> str:
     """The MLflow run of an earlier attempt with this name, from its latest checkpoint."""
     saved = run_checkpoints(storage.join(cfg.checkpoint.storage, cfg.name), s3)
@@ -249,13 +280,21 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainCallback] = ()) -> TrainResul
     """Plan the run, start MLflow, fit with Ray Train, and report where everything went.
 
     `callbacks` see every worker start, step and finish (`data.audit_dir` adds a
-    `SampleAudit`); they are shipped to the workers, so they must pickle."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
+    `SampleAudit`); they are shipped to the workers, so they must pickle. MLflow and S3
+    are reached as `JobSettings` resolves them here; the workers get the same settings."""
     if not cfg.data.train:
         raise ConfigError("data.train is required: the folder of a preprocessing output")
-    s3 = cfg.s3.resolved()
+    cfg = _absolute_paths(cfg)
+    settings = JobSettings.resolve(cfg.tracking.tracking_uri, cfg.s3)
+    with settings.applied():
+        return _fit(cfg, settings, callbacks)
+
+
+def _fit(
+    cfg: TrainConfig, settings: JobSettings, callbacks: Sequence[TrainCallback]
+) -> TrainResult:
+    """`run` with the job's settings applied."""
+    s3 = settings.s3
     listing = read_listing(cfg.data.train, s3=s3, key="data.train")
     shards = listing.shards
     eval_shards = (
@@ -275,11 +314,14 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainCallback] = ()) -> TrainResul
     run_id = _resumed_run_id(cfg, s3)
     init = None  # a run that has checkpoints of its own resumes from them instead
     if cfg.checkpoint.init_from and not run_id:
-        tracking_uri = default_tracking_uri(cfg.tracking.tracking_uri)
-        init = resolve_init_source(cfg, tracking_uri=tracking_uri, s3=s3)
+        init = resolve_init_source(cfg, tracking_uri=settings.tracking_uri, s3=s3)
 
     tracker = Tracker(
-        cfg.tracking, run_id=run_id or None, run_name=cfg.name, tags={"gram.job": "train"}
+        cfg.tracking,
+        uri=settings.tracking_uri,
+        run_id=run_id or None,
+        run_name=cfg.name,
+        tags={"gram.job": "train"},
     )
     tracker.log_params(
         {
@@ -303,20 +345,51 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainCallback] = ()) -> TrainResul
         flush=True,
     )
 
-    if not local:
-        init_ray()
-    fs, storage_path = storage_filesystem(cfg.checkpoint.storage, s3)
+    if cfg.data.audit_dir:
+        callbacks = [*callbacks, SampleAudit(cfg.data.audit_dir)]
+    plan = RunPlan(shards, eval_shards, total_steps, per_epoch, run_id, init)
+    # Local mode needs no Ray; on a cluster, the workers get the settings with their work.
+    connected = not local and connect_for_training()
+    try:
+        start = time.perf_counter()
+        result = _trainer(cfg, settings, plan, callbacks).fit()
+        seconds = time.perf_counter() - start
+    finally:
+        if connected:
+            disconnect_ray()
+    metrics = dict(result.metrics or {})
+    ckpt_uri = ""
+    if result.checkpoint is not None:
+        ckpt_uri = (
+            f"s3://{result.checkpoint.path}"
+            if storage.is_s3(cfg.checkpoint.storage)
+            else result.checkpoint.path
+        )
+    run_id = str(metrics.get("mlflow_run_id") or run_id)
+    if ckpt_uri:
+        tracker.set_tags({"final_checkpoint": ckpt_uri})
+    tracker.close()
+    return TrainResult(int(metrics.get("step", 0)), ckpt_uri, run_id, tracker.uri, metrics, seconds)
+
+
+def _trainer(
+    cfg: TrainConfig, settings: JobSettings, plan: RunPlan, callbacks: Sequence[TrainCallback]
+) -> Any:
+    """The TorchTrainer of the run: `jobs.training.loop` on `scaling.workers` workers (0 = in
+    this process), checkpoints under `checkpoint.storage`, `max_failures` restarts."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    fs, storage_path = storage_filesystem(cfg.checkpoint.storage, settings.s3)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
-    if cfg.data.audit_dir:
-        callbacks = [*callbacks, SampleAudit(cfg.data.audit_dir)]
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "config": to_dict(cfg),
-            "plan": RunPlan(shards, eval_shards, total_steps, per_epoch, run_id, init),
-            "credentials": WorkerCredentials.of_driver(s3),
+            "plan": plan,
+            "settings": settings,
             "callbacks": list(callbacks),
         },
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
@@ -333,22 +406,6 @@ def run(cfg: TrainConfig, callbacks: Sequence[TrainCallback] = ()) -> TrainResul
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         ),
     )
-    start = time.perf_counter()
-    result = trainer.fit()
-    seconds = time.perf_counter() - start
-    metrics = dict(result.metrics or {})
-    ckpt_uri = ""
-    if result.checkpoint is not None:
-        ckpt_uri = (
-            f"s3://{result.checkpoint.path}"
-            if storage.is_s3(cfg.checkpoint.storage)
-            else result.checkpoint.path
-        )
-    run_id = str(metrics.get("mlflow_run_id") or run_id)
-    if ckpt_uri:
-        tracker.set_tags({"final_checkpoint": ckpt_uri})
-    tracker.close()
-    return TrainResult(int(metrics.get("step", 0)), ckpt_uri, run_id, tracker.uri, metrics, seconds)
 
 
 def _run(cfg: TrainConfig) -> int:

@@ -57,6 +57,7 @@ def read_listing(output: str, *, s3: S3Config | None = None, key: str = "") -> S
     has no index.json (unfinished, or not a preprocessing output) or lists no shards.
     """
     where = f"{key} {output!r}" if key else repr(output)
+    output = storage.absolute(output)  # the shard URLs go to workers in other folders
     try:
         index = read_index(output, s3=s3)
     except storage.StorageNotFoundError:

@@ -32,7 +32,7 @@ from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,6 +290,14 @@ def preprocess(config: PreprocessConfig, executor: Executor | None = None) -> Su
     """
     config.require_paths()
     started = time.monotonic()
+    # Local paths as this process means them: the shard tasks run in other folders or nodes.
+    execution = replace(config.execution, spool_dir=storage.absolute(config.execution.spool_dir))
+    config = replace(
+        config,
+        input=storage.absolute(config.input),
+        output=storage.absolute(config.output),
+        execution=execution,
+    )
     output = config.output.rstrip("/") if storage.is_s3(config.output) else config.output
     spool = config.execution.spool_dir or None
     with tempfile.TemporaryDirectory(prefix="gram-inputs-", dir=spool) as tmp:

@@ -1,6 +1,7 @@
 """The one thin Ray adapter: join or start Ray, and run shard jobs as Ray tasks.
 
     connect_ray(address="", num_cpus=0)                # the project's one way to reach Ray
+    with ray_connection(address):                       # ... and leave it when done
     summary = preprocess(config, ray_executor(config))  # shards as Ray tasks
 
 Each shard is one Ray task (`shard_task.run_shard`): the driver stages the
@@ -13,9 +14,11 @@ shard task spreads its clips over sub-tasks of `execution.clips_per_task`
 clips and writes their results in order, so every CPU works; a task blocked
 waiting for its sub-tasks gives its CPU back to Ray meanwhile.
 
-Nothing else in the project imports Ray for preprocessing; Ray itself is
-imported only when a run needs it (it reads its auth settings, such as
-RAY_AUTH_MODE, from the environment when first imported).
+Every job joins or starts Ray through `connect_ray` (preprocessing here, training
+and evaluation in jobs/), so a job submitted with `ray job submit` or `gram submit`
+keeps the runtime env it was given. Nothing else in the project imports Ray for
+preprocessing; Ray itself is imported only when a run needs it (it reads its auth
+settings, such as RAY_AUTH_MODE, from the environment when first imported).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 from gram.config import ConfigError
 from pipelines import storage
-from pipelines.config import ExecutionConfig, PreprocessConfig
+from pipelines.config import PreprocessConfig
 from pipelines.inputs import InputItem
 from pipelines.shard_task import (
     Executor,
@@ -79,10 +82,12 @@ def connect_ray(
     num_cpus: int = 0,
     env_vars: Mapping[str, str] | None = None,
     log_to_driver: bool = False,
+    dashboard: bool = False,
 ) -> bool:
-    """Join `address`, else $RAY_ADDRESS, else start a light local Ray (no dashboard,
-    `num_cpus` CPUs, 0 = all). Returns True when this call connected (the caller then
-    calls `ray.shutdown()` when done), False when this process was already connected.
+    """Join `address`, else $RAY_ADDRESS, else start a local Ray (`num_cpus` CPUs, 0 = all;
+    light, without the dashboard, unless `dashboard`: Ray Train's state API needs it).
+    Returns True when this call connected (the caller then calls `ray.shutdown()` when
+    done), False when this process was already connected.
 
     `env_vars` go into the job's runtime env for every worker, except the keys the job's
     own runtime env already sets: a driver started by `ray job submit` runs inside that
@@ -101,7 +106,7 @@ def connect_ray(
     if env:
         kwargs["runtime_env"] = {"env_vars": env}
     if target is None:
-        kwargs["include_dashboard"] = False
+        kwargs["include_dashboard"] = dashboard
         if num_cpus:
             kwargs["num_cpus"] = num_cpus
     ray.init(address=target, **kwargs)
@@ -117,9 +122,22 @@ def disconnect_ray() -> None:
 
 
 @contextlib.contextmanager
-def ray_connection(execution: ExecutionConfig) -> Iterator[None]:
-    """`connect_ray` with the job's settings; disconnects on leaving if it connected."""
-    connected = connect_ray(execution.ray_address, num_cpus=execution.local_num_cpus)
+def ray_connection(
+    address: str = "",
+    *,
+    num_cpus: int = 0,
+    env_vars: Mapping[str, str] | None = None,
+    log_to_driver: bool = False,
+    dashboard: bool = False,
+) -> Iterator[None]:
+    """`connect_ray(...)` for the block; leaves Ray on exit if this call connected."""
+    connected = connect_ray(
+        address,
+        num_cpus=num_cpus,
+        env_vars=env_vars,
+        log_to_driver=log_to_driver,
+        dashboard=dashboard,
+    )
     try:
         yield
     finally:
@@ -198,7 +216,7 @@ def ray_executor(config: PreprocessConfig) -> Executor:
     def run(jobs: Iterator[ShardJob], total: int) -> Iterator[ShardState]:
         import ray
 
-        with ray_connection(execution):
+        with ray_connection(execution.ray_address, num_cpus=execution.local_num_cpus):
             cluster_cpus = _check_cpus(cpus)
             slots = max(1, int(cluster_cpus // cpus))
             window = execution.max_tasks_in_flight or 2 * slots

@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import random
+import re
 import shutil
 import time
 import typing
@@ -43,6 +44,7 @@ __all__ = [
     "S3Config",
     "StorageError",
     "StorageNotFoundError",
+    "absolute",
     "delete",
     "download",
     "exists",
@@ -66,6 +68,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 U = TypeVar("U")
 
 
@@ -167,6 +170,16 @@ def split_s3(uri: str) -> tuple[str, str]:
 
 def _local(uri: str) -> Path:
     return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
+
+
+def absolute(uri: str) -> str:
+    """`uri` as every process of a job can use it: a local path (or `file://` URI) made
+    absolute (a relative path means the working directory of the process that calls this,
+    the job's driver; its workers run in other folders); any other URI (`s3://`,
+    `models:/`) and '' as they are."""
+    if not uri or (_SCHEME.match(uri) and not uri.startswith("file:")):
+        return uri
+    return os.path.abspath(_local(uri))
 
 
 def join(base: str, *parts: str) -> str:
@@ -284,7 +297,10 @@ def _with_retries(cfg: S3Config, op: str, uri: str, fn: Callable[[], T]) -> T:
 
 
 def _cfg(s3: S3Config | None) -> S3Config:
-    return s3 if s3 is not None else S3Config()
+    """The settings a call uses: endpoint and region from this process's environment where
+    the config leaves them empty, so that AWS_ENDPOINT_URL and AWS_DEFAULT_REGION mean what
+    `s3.endpoint_url` and `s3.region` mean (path-style addressing, the signing region)."""
+    return (s3 if s3 is not None else S3Config()).located()
 
 
 # --- public operations ---------------------------------------------------------------------
@@ -637,7 +653,7 @@ def pyarrow_filesystem(uri: str, *, s3: S3Config | None = None) -> tuple[Any, st
 
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(_local(uri))
-    cfg = _cfg(s3).located()
+    cfg = _cfg(s3)
     kwargs: dict[str, Any] = {"region": cfg.region or "us-east-1"}
     if cfg.access_key_id:
         kwargs.update(

@@ -7,6 +7,8 @@
   environment exported (fake credentials only).
 - `mlflow_server`: a real `mlflow server` (sqlite backend, proxied artifacts).
 - `shared_data`: ../shared/data when present; tests that need it skip otherwise.
+- `small_clips`: eight tiny generated clips and their `captions.jsonl`, the raw input of
+  the tests that run whole jobs from the command line.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.synthetic import make_demo_dataset
 from tests.support.services import MlflowServer, RayCluster, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,3 +96,13 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def small_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of 8 demo clips (64x48 px, 1 s, 8 fps, a tone or noise) and `captions.jsonl`
+    naming them (ids demo_0000..demo_0007, two captions each): preprocessing input small
+    enough to run every job on it in seconds."""
+    folder = tmp_path_factory.mktemp("small-clips")
+    make_demo_dataset(folder, count=8, width=64, height=48, fps=8.0, duration=1.0)
+    return folder

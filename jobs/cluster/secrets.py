@@ -1,5 +1,5 @@
-"""Credentials: which variables hold them, how their values are kept out of everything that is
-recorded or shown, and how a driver hands them to its workers. The one place for all three.
+"""Credentials: which variables hold them, and how their values are kept out of everything that
+is recorded or shown. The one place for both.
 
 Keeping them out:
 - values under secret-looking keys are replaced before anything is recorded (`redact`:
@@ -9,8 +9,8 @@ Keeping them out:
 
 Handing them over: credentials never go into a Ray runtime env (Ray's runtime-env agent
 writes those to its log files, and the dashboard shows them). A driver resolves them once
-and passes them to its workers with the work, as arguments (`WorkerCredentials`); clusters
-can instead give their nodes the credentials (Kubernetes Secrets, instance roles).
+and passes them to its workers with the work, as arguments (`jobs.common.settings.JobSettings`);
+clusters can instead give their nodes the credentials (Kubernetes Secrets, instance roles).
 """
 
 from __future__ import annotations
@@ -19,20 +19,15 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.storage import S3Config
-
 __all__ = [
-    "FORWARDED_SETTINGS",
     "NOT_SECRET_VARS",
     "REDACTED",
     "SECRET_ENV_VARS",
     "TOKEN_FILE_SOURCE",
     "WORKER_CREDENTIAL_VARS",
-    "WorkerCredentials",
     "install_log_scrubber",
     "is_secret_name",
     "mask",
@@ -62,19 +57,10 @@ WORKER_CREDENTIAL_VARS = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
 )
-"""MLflow's credentials, which a training worker needs to log and S3Config cannot carry. The
-username is a credential to hand over but not a secret to mask: it names an account, and
-masking a short name would blot out ordinary words in the logs."""
-
-FORWARDED_SETTINGS = (
-    "AWS_DEFAULT_REGION",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_S3_ENDPOINT_URL",
-)
-"""Non-secret storage and tracking settings: a driver that joins a cluster hands them to its
-workers in the job's runtime env (`jobs.cluster.connection.init_ray`)."""
+"""MLflow's credentials, which a training worker needs to log and S3Config cannot carry (handed
+over in `JobSettings.mlflow_credentials`). The username is a credential to hand over but not a
+secret to mask: it names an account, and masking a short name would blot out ordinary words in
+the logs."""
 
 NOT_SECRET_VARS = frozenset(
     {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "SSH_AUTH_SOCK", "XAUTHORITY", "GIT_ASKPASS"}
@@ -163,30 +149,3 @@ def install_log_scrubber() -> None:
     for handler in handlers:
         if not any(isinstance(f, _ScrubbingFilter) for f in handler.filters):
             handler.addFilter(_ScrubbingFilter())
-
-
-@dataclass(frozen=True)
-class WorkerCredentials:
-    """What a driver hands its Ray workers, with the work, so they reach storage and MLflow.
-
-    s3: the driver's S3 settings resolved on the driver (`S3Config.resolved`: its credentials
-        ride along unless `s3.forward_credentials` is false), as preprocessing's tasks get them.
-    mlflow: the driver's WORKER_CREDENTIAL_VARS that are set.
-    Neither shows in a repr.
-    """
-
-    s3: S3Config
-    mlflow: dict[str, str] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def of_driver(cls, s3: S3Config) -> WorkerCredentials:
-        """This (driver) process's credentials for `s3` and for MLflow."""
-        env = {k: os.environ[k] for k in WORKER_CREDENTIAL_VARS if os.environ.get(k)}
-        return cls(s3.resolved(), env)
-
-    def apply(self) -> S3Config:
-        """In a worker: make the MLflow credentials visible to MLflow (a worker's own, from
-        its node, win) and return the S3 settings to use."""
-        for key, value in self.mlflow.items():
-            os.environ.setdefault(key, value)
-        return self.s3

@@ -138,7 +138,9 @@ def job_main(
     """Parse the command line, set up logging, load the config and `run` it; returns the exit
     code: `run`'s own, EXIT_USAGE for a ConfigError (printed as `error: ...`), or the code
     `errors` gives the exception raised (printed the same way)."""
-    args = job_parser(prog, doc, config, options).parse_args(argv)
+    # Intermixed: a job's own options may stand between its positionals and the overrides
+    # (`gram inspect SHARDS --out sheet.png s3.endpoint_url=...`).
+    args = job_parser(prog, doc, config, options).parse_intermixed_args(argv)
     setup_logging()
     handled: dict[type[Exception], int] = {ConfigError: EXIT_USAGE, **(errors or {})}
     try:

@@ -37,6 +37,7 @@ from gram.shards import RawSample, ShardInfo, ShardLoader
 from gram.steps import embed_for_retrieval
 from pipelines import storage
 from pipelines.index import ShardListing, read_listing
+from pipelines.ray_adapter import ray_connection
 from pipelines.storage import S3Config
 
 __all__ = [
@@ -303,6 +304,27 @@ def _task_count(parallel: ParallelConfig, shards: int) -> int:
     return max(1, min(shards, fit))
 
 
+def _embed_on_ray(
+    weights: Path,
+    tokenizer: Path | None,
+    shards: Sequence[ShardInfo],
+    parallel: ParallelConfig,
+    label_fields: Sequence[str],
+    s3: S3Config,
+) -> ClipEmbeddings:
+    """Ray tasks over groups of whole shards; the S3 settings travel with the tasks."""
+    import ray
+
+    groups = _split(shards, _task_count(parallel, len(shards)))
+    blob = ray.put(weights.read_bytes())
+    tok = ray.put(tokenizer.read_bytes() if tokenizer is not None else None)
+    task = ray.remote(_embed_task).options(
+        num_cpus=parallel.cpus_per_task, scheduling_strategy="SPREAD", max_retries=2
+    )
+    refs = [task.remote(blob, tok, g, parallel, list(label_fields), s3) for g in groups]
+    return _merge([_from_numpy(p) for p in ray.get(refs)])
+
+
 def embed_eval_set(
     weights: Path,
     shards: Sequence[ShardInfo],
@@ -312,7 +334,8 @@ def embed_eval_set(
     s3: S3Config,
     tokenizer: Path | None = None,
 ) -> ClipEmbeddings:
-    """Embed the eval set in this process (`parallel.local`) or over Ray tasks."""
+    """Embed the eval set in this process (`parallel.local`) or over Ray tasks (on the Ray
+    this process is connected to, else $RAY_ADDRESS, else a local Ray started for the call)."""
     start = time.perf_counter()
     if parallel.local:
         part = embed_shards(
@@ -325,19 +348,8 @@ def embed_eval_set(
         )
         merged = _merge([part])
     else:
-        import ray
-
-        from jobs.cluster.connection import init_ray
-
-        init_ray()
-        groups = _split(shards, _task_count(parallel, len(shards)))
-        blob = ray.put(weights.read_bytes())
-        tok = ray.put(tokenizer.read_bytes() if tokenizer is not None else None)
-        task = ray.remote(_embed_task).options(
-            num_cpus=parallel.cpus_per_task, scheduling_strategy="SPREAD", max_retries=2
-        )
-        refs = [task.remote(blob, tok, g, parallel, list(label_fields), s3) for g in groups]
-        merged = _merge([_from_numpy(p) for p in ray.get(refs)])
+        with ray_connection():
+            merged = _embed_on_ray(weights, tokenizer, shards, parallel, label_fields, s3)
     log.info(
         "embedded %d clips and %d captions in %.1f s (%s)",
         len(merged.keys),

@@ -144,10 +144,13 @@ def resolve_model(uri: str, *, tracking_uri: str, s3: S3Config, workdir: Path) -
     from mlflow.models import Model
 
     name, ref = parsed
-    version = get_version(MlflowClient(tracking_uri), name, ref)
+    client = MlflowClient(tracking_uri)
+    version = get_version(client, name, ref)
+    # Where the registry at `tracking_uri` keeps the version's files (a `models:/` URI would
+    # be looked up in the registry of this process's environment instead).
     local = Path(
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"{MODEL_URI_PREFIX}{name}/{version.version}",
+            artifact_uri=client.get_model_version_download_uri(name, str(version.version)),
             dst_path=str(workdir / f"{name}-v{version.version}"),
             tracking_uri=tracking_uri,
         )
@@ -305,7 +308,10 @@ def log_pyfunc_model(
     inference: Any,
     workdir: Path,
 ) -> str:
-    """Log the pyfunc model in run `run_id`, register it as a new version of `name`."""
+    """Log the pyfunc model in run `run_id`, register it as a new version of `name`.
+
+    MLflow logs and registers at the tracking URI of this process's environment: call it
+    with the job's settings applied (`JobSettings.applied`), where that is `client`'s."""
     import mlflow
     import mlflow.pyfunc
 
@@ -327,7 +333,12 @@ def log_pyfunc_model(
     (staged / "inference.json").write_text(json.dumps(asdict(inference), indent=2))
     artifacts["model_config"] = str(staged / "model_config.json")
     artifacts["inference"] = str(staged / "inference.json")
-    mlflow.set_tracking_uri(client.tracking_uri)
+    if mlflow.get_tracking_uri() != client.tracking_uri:
+        raise RuntimeError(
+            f"MLflow points at {mlflow.get_tracking_uri()}, not {client.tracking_uri}: "
+            "register within the job's settings (JobSettings.applied), in a process that "
+            "has not called mlflow.set_tracking_uri"
+        )
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -43,6 +44,7 @@ __all__ = [
     "resume_position",
     "run_checkpoints",
     "save_checkpoint_dir",
+    "storage_filesystem",
 ]
 
 
@@ -206,3 +208,15 @@ def download_checkpoint(uri: str, s3: S3Config) -> Path:
         rel = f.uri[len(uri.rstrip("/")) + 1 :]
         storage.download(f.uri, local / rel, s3=s3)
     return local
+
+
+def storage_filesystem(uri: str, s3: S3Config) -> tuple[Any, str]:
+    """(pyarrow filesystem or None, path) for Ray Train's `RunConfig` storage.
+
+    Local paths are made absolute; `s3://` URIs get a filesystem with the
+    configured endpoint (MinIO or any S3-compatible store) and a bucket/key path.
+    """
+    if storage.is_s3(uri):
+        fs, path = storage.pyarrow_filesystem(uri, s3=s3)
+        return fs, path
+    return None, os.path.abspath(uri)

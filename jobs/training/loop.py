@@ -1,6 +1,6 @@
 """The training loop every Ray Train worker runs, in named steps that read top to bottom:
 
-    loop = TrainLoop(cfg, plan, s3, callbacks)
+    loop = TrainLoop(cfg, plan, settings, callbacks)
     loop.setup()     # model, loss, optimizer, schedule; `restore` a checkpoint; DDP, data, MLflow
     loop.train()     # optimizer steps, epoch after epoch: log, evaluate, `checkpoint` when due
     loop.finish()    # the final evaluation and checkpoint; close the data and the tracker
@@ -48,8 +48,8 @@ from gram.model_config import model_config
 from gram.shards import DecodedCache, RawSample, ShardInfo, ShardLoader
 from gram.steps import build_optimizer, cosine_schedule, train_step
 from gram.steps import evaluate as retrieval_eval
-from jobs.cluster.secrets import WorkerCredentials
 from jobs.common.contact_sheet import first_batch_sheet
+from jobs.common.settings import JobSettings
 from jobs.training.checkpoints import (
     Progress,
     data_layout,
@@ -61,9 +61,8 @@ from jobs.training.checkpoints import (
     save_checkpoint_dir,
 )
 from jobs.training.init_from import InitSource, init_weights
-from jobs.training.tracking import Tracker, default_tracking_uri
+from jobs.training.tracking import Tracker
 from pipelines import storage
-from pipelines.storage import S3Config
 
 if TYPE_CHECKING:
     from jobs.train import TrainConfig
@@ -142,14 +141,15 @@ class SampleAudit(TrainCallback):
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's entry on every rank: `payload` = {"config": TrainConfig as a dict,
-    "plan": RunPlan, "credentials": WorkerCredentials (handed over with the work, never via
-    a runtime env), "callbacks": [TrainCallback]}."""
+    "plan": RunPlan, "settings": the driver's JobSettings (MLflow and S3, credentials
+    included: handed over with the work, never via a runtime env), "callbacks":
+    [TrainCallback]}. The rank runs with the settings applied, as the driver does."""
     from jobs.train import TrainConfig  # the job file imports this module: see the docstring
 
-    credentials: WorkerCredentials = payload["credentials"]
-    s3 = credentials.apply()
+    settings: JobSettings = payload["settings"]
     cfg = from_dict(TrainConfig, payload["config"])
-    TrainLoop(cfg, payload["plan"], s3, payload.get("callbacks", ())).run()
+    with settings.applied():
+        TrainLoop(cfg, payload["plan"], settings, payload.get("callbacks", ())).run()
 
 
 class TrainLoop:
@@ -159,13 +159,13 @@ class TrainLoop:
         self,
         cfg: TrainConfig,
         plan: RunPlan,
-        s3: S3Config,
+        settings: JobSettings,
         callbacks: Sequence[TrainCallback] = (),
     ) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
-        self.cfg, self.plan, self.s3 = cfg, plan, s3
+        self.cfg, self.plan, self.settings, self.s3 = cfg, plan, settings, settings.s3
         self.callbacks = list(callbacks)
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local = cfg.scaling.workers == 0  # local mode: no Ray Train storage, we persist
@@ -221,7 +221,10 @@ class TrainLoop:
         self._sheets: tempfile.TemporaryDirectory[str] | None = None
         if self.rank == 0:
             self.tracker = Tracker(
-                cfg.tracking, run_id=self.progress.mlflow_run_id or None, run_name=cfg.name
+                cfg.tracking,
+                uri=self.settings.tracking_uri,
+                run_id=self.progress.mlflow_run_id or None,
+                run_name=cfg.name,
             )
         for callback in self.callbacks:
             callback.on_start(self.rank, self.progress.step)
@@ -248,8 +251,9 @@ class TrainLoop:
             progress = self._restore_from(download_checkpoint(cfg.checkpoint.resume_from, self.s3))
             source = cfg.checkpoint.resume_from
         elif plan.init is not None:
-            tracking_uri = default_tracking_uri(cfg.tracking.tracking_uri)
-            copied = init_weights(self.model, cfg, plan.init, tracking_uri=tracking_uri, s3=self.s3)
+            copied = init_weights(
+                self.model, cfg, plan.init, tracking_uri=self.settings.tracking_uri, s3=self.s3
+            )
             progress.lineage = plan.init.lineage
             if self.rank == 0:
                 print(f"initialised {copied} weight tensors from {plan.init.uri}", flush=True)

@@ -28,8 +28,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from jobs.cluster.secrets import redact
+from jobs.common.settings import default_tracking_uri
 
-__all__ = ["Tracker", "TrackingConfig", "artifact_location", "default_tracking_uri", "flatten"]
+__all__ = ["Tracker", "TrackingConfig", "artifact_location", "flatten"]
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,6 @@ class TrackingConfig:
     flush_seconds: float = 300.0
 
 
-def default_tracking_uri(configured: str = "") -> str:
-    """The configured URI, else $MLFLOW_TRACKING_URI, else a sqlite store in the working dir."""
-    if configured:
-        return configured
-    env = os.environ.get("MLFLOW_TRACKING_URI", "")
-    return env or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-
-
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested mapping -> {"a.b": "value"} with values as strings, secrets redacted."""
     out: dict[str, str] = {}
@@ -102,18 +95,23 @@ class _Op:
 
 
 class Tracker:
-    """Non-blocking, outage-tolerant MLflow logging for one run (use on rank 0 only)."""
+    """Non-blocking, outage-tolerant MLflow logging for one run (use on rank 0 only).
+
+    `uri` is the job's resolved tracking URI (`JobSettings.tracking_uri`); empty resolves
+    `cfg.tracking_uri` here (`default_tracking_uri`).
+    """
 
     def __init__(
         self,
         cfg: TrackingConfig,
         *,
+        uri: str = "",
         run_name: str | None = None,
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.uri = default_tracking_uri(cfg.tracking_uri)
+        self.uri = uri or default_tracking_uri(cfg.tracking_uri)
         self._run_name = run_name
         self._run_id = run_id
         self._run_checked = False

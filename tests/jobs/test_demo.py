@@ -30,7 +30,6 @@ def _demo(output: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
 def test_demo_runs_every_step_shows_volume_beating_cosine_and_reuses_finished_steps(
     tmp_path: Path,
 ):
-    import mlflow
     from mlflow import MlflowClient
 
     out = tmp_path / "demo"
@@ -49,10 +48,10 @@ def test_demo_runs_every_step_shows_volume_beating_cosine_and_reuses_finished_st
         index = json.loads((out / "shards" / split / "index.json").read_text())
         assert sum(s["samples"] for s in index["shards"]) == clips
 
-    mlflow.set_tracking_uri(summary["tracking_uri"])
-    version = MlflowClient().get_model_version_by_alias("gram-demo", "candidate")
+    client = MlflowClient(summary["tracking_uri"])
+    version = client.get_model_version_by_alias("gram-demo", "candidate")
     assert str(version.version) == str(summary["registry"]["version"])
-    aliases = MlflowClient().get_registered_model("gram-demo").aliases
+    aliases = client.get_registered_model("gram-demo").aliases
     assert ("champion" in aliases) == summary["registry"]["promoted"]
     assert "Open the MLflow UI" in first.stdout
     assert f"shards       {out / 'shards'}" in first.stdout
