@@ -17,9 +17,9 @@ with the index at the end fail that way), runs in its own process group, and
 is killed with its children when `timeout_s` passes. Every failure is a
 `MediaError` with a short `reason` code for counting and a message for people.
 
-`input_options` (probe, decode_clip, extract_audio) are FFmpeg options put before
-every input, e.g. `{"protocol_whitelist": "file,pipe"}` for untrusted files; the
-in-process probe passes them to FFmpeg's demuxer the same way.
+`input_options` (probe, media_duration, decode_clip, extract_audio) are FFmpeg
+options put before every input, e.g. `{"protocol_whitelist": "file,pipe"}` for
+untrusted files; the in-process probes pass them to FFmpeg's demuxer the same way.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ __all__ = [
     "ffmpeg_exe",
     "frame_times",
     "has_audio_stream",
+    "media_duration",
     "probe",
     "run_command",
 ]
@@ -334,6 +335,27 @@ def probe(
             audio_channels=int(a.channels or 0) if a is not None else 0,
             audio_rate=int(a.sample_rate or 0) if a is not None else 0,
         )
+
+
+def media_duration(
+    path: str, *, timeout_s: float, input_options: Mapping[str, str] | None = None
+) -> float:
+    """Duration in seconds of a local media file of any kind, audio-only ones too: the
+    container's (what `ffprobe -show_entries format=duration` prints), read in process.
+
+    Raises MediaError `unreadable` (not a media file), `not_a_file`, `no_duration` or
+    `timeout`.
+    """
+    import av
+
+    container, _ = _open(path, timeout_s, "the file", input_options)
+    with container:
+        seconds = _seconds(
+            Fraction(container.duration, av.time_base) if container.duration else None
+        )
+    if not seconds:
+        raise MediaError("no_duration", "the container reports no duration")
+    return seconds
 
 
 def has_audio_stream(path: str, *, timeout_s: float) -> bool:

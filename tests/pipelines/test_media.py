@@ -217,6 +217,23 @@ def test_separate_audio_files_are_checked_in_process(media_dir, tmp_path, monkey
     assert err.value.reason == "unreadable"
 
 
+def test_media_duration_of_audio_only_files_is_read_in_process(media_dir, tmp_path, monkeypatch):
+    tone = (np.sin(np.arange(24_000) / 3.0) * 9000).astype(np.int16)  # 1.5 s at 16 kHz
+    soundfile.write(tmp_path / "tone.wav", tone, SAMPLE_RATE)
+    with monkeypatch.context() as no_tools:
+        no_tools.setenv("PATH", str(tmp_path))  # no ffprobe or ffmpeg can be started
+        m4a = media.media_duration(str(media_dir["broken_audio_only.mp4"].path), timeout_s=30)
+        wav = media.media_duration(str(tmp_path / "tone.wav"), timeout_s=30)
+        clip = media.media_duration(str(media_dir["h264_aac.mp4"].path), timeout_s=30)
+    assert m4a == pytest.approx(1.0, abs=0.05)  # 1 s of AAC (plus its priming)
+    assert wav == pytest.approx(1.5, abs=1e-3)
+    assert clip == pytest.approx(2.0, abs=0.05)
+    for name, reason in (("broken_text.mp4", "unreadable"), ("broken_empty.mp4", "unreadable")):
+        with pytest.raises(MediaError) as err:
+            media.media_duration(str(media_dir[name].path), timeout_s=30)
+        assert err.value.reason == reason
+
+
 def test_flac_round_trip_is_lossless():
     pcm = (np.sin(np.arange(16_000) / 5.0) * 20_000).astype(np.int16)
     data, rate = soundfile.read(io.BytesIO(media.encode_flac(pcm)), dtype="int16")
