@@ -19,6 +19,7 @@ from PIL import Image
 from gram.schema import SAMPLE_RATE
 from pipelines import media
 from pipelines.media import MediaError
+from pipelines.synthetic import ClipSpec, make_clip
 from tests.pipelines.conftest import SHELL_NAME
 
 REPO = Path(__file__).resolve().parents[2]
@@ -110,6 +111,38 @@ def test_one_pass_and_seeking_decode_give_the_same_frames(media_dir):
     assert one_pass == seeking
 
 
+def test_the_keyframe_index_picks_one_pass_or_seeking_whichever_decodes_less(
+    media_dir, tmp_path, monkeypatch
+):
+    small = {"width": 64, "height": 48, "fps": 10, "audio_codec": None}
+    dense = make_clip(ClipSpec(duration=20, keyframe_s=1, **small), tmp_path / "dense.mp4")
+    sparse = make_clip(ClipSpec(duration=70, keyframe_s=100, **small), tmp_path / "sparse.mp4")
+    commands: list[list[str]] = []
+    run = media.run_command
+
+    def recorded(args: list[str], **kw):
+        commands.append(args)
+        return run(args, **kw)
+
+    monkeypatch.setattr(media, "run_command", recorded)
+    # 20 s with a keyframe every second: seeking, though it is under seek_above_s (60 s);
+    # 70 s with one keyframe: one pass, though it is over seek_above_s.
+    for path, keyframes, seeks in ((dense, 20, True), (sparse, 1, False)):
+        info = media.probe(str(path), timeout_s=30)
+        assert len(info.keyframes) == keyframes
+        commands.clear()
+        times = media.frame_times(info.duration, 8)
+        chosen = media.decode_clip(
+            str(path), times, duration=info.duration, fps=info.fps, keyframes=info.keyframes
+        ).frames
+        assert ("-ss" in commands[0]) == seeks
+        assert chosen == _frames(path, info, seek_above_s=1e9 if seeks else 0.0)
+        assert len(set(chosen)) == 8
+    # Indexes that list only some keyframes (Matroska's cues, or built while demuxing)
+    # are not used: the duration decides.
+    assert media.probe(str(media_dir["vp9_opus.webm"].path), timeout_s=30).keyframes == ()
+
+
 def test_video_track_shorter_than_the_audio_is_sampled_where_there_is_video(tmp_path):
     clip = tmp_path / "short_video.mp4"
     lavfi = ["-f", "lavfi", "-i"]
@@ -133,6 +166,7 @@ def test_clip_shorter_than_the_frame_count_repeats_frames(media_dir):
 def test_long_clip_seeks_to_sampled_frames_only(media_dir):
     info = media.probe(str(media_dir["long.mp4"].path), timeout_s=30)
     assert info.duration == pytest.approx(90.0, abs=0.5)
+    assert info.keyframes == tuple(10.0 * k for k in range(9))  # the mp4 index: every 10 s
     frames = _frames(media_dir["long.mp4"].path, info, seek_above_s=60.0)
     assert len(frames) == 8
     assert len(set(frames)) == 8
