@@ -79,8 +79,8 @@ class DriverRss:
 
 
 def _clock(line: str) -> float | None:
-    """Seconds of the day of a `[HH:MM:SS name] ...` log line."""
-    match = re.match(r"\[(\d\d):(\d\d):(\d\d) ", line)
+    """Seconds of the day of a job's log line (`YYYY-MM-DD HH:MM:SS,mmm LEVEL name: ...`)."""
+    match = re.match(r"\d{4}-\d\d-\d\d (\d\d):(\d\d):(\d\d)", line)
     if match is None:
         return None
     h, m, s = (int(g) for g in match.groups())
