@@ -1,34 +1,55 @@
-"""Preprocessing speed: the per-clip path against the plain ffmpeg loop, and the Ray Data pipeline.
+"""Preprocessing speed: the real job against the plain two-call ffmpeg loop, side by side.
 
-    PYTHONPATH=. python benchmarks/bench_preprocess.py               # both parts, ~15 min, 2 cores
-    PYTHONPATH=. python benchmarks/bench_preprocess.py --part speed  # per-clip speed only, ~5 min
+    PYTHONPATH=. python benchmarks/bench_preprocess.py               # both parts, ~25 min, 2 cores
+    PYTHONPATH=. python benchmarks/bench_preprocess.py --part speed  # the speed goals, ~12 min
+    PYTHONPATH=. python benchmarks/bench_preprocess.py --part e2e    # end to end only, ~4 min
     PYTHONPATH=. python benchmarks/bench_preprocess.py --quick       # smaller sets, a smoke run
 
-Part `speed`, every number measured side by side in one run:
-1. Start-up and probe cost in CPU ms per call: the system's ffmpeg and ffprobe
-   (a distribution's dynamically linked build), the static ffmpeg of the
-   imageio-ffmpeg wheel, and `media.probe` (PyAV, in process).
-2. Steady state on 200 generated clips (5 s, 640x360, 25 fps, h264 + aac
-   stereo). The baseline is the plain loop as a user writes it: per clip,
-   ffprobe for the duration, then one ffmpeg that decodes the clip through an
-   `fps` filter into 8 JPEG files and a 16 kHz mono WAV of at most 10 s, one
-   clip after another (ffmpeg's default threads use every core). It runs with
-   the system's ffmpeg/ffprobe, with the static ffmpeg (ffprobe stays the
-   system's: the wheel has none), and with one process per CPU. Against it:
-   the per-clip chain (`pipelines.stages.process_item`: probe, one ffmpeg
-   run for frames and audio, JPEG/FLAC/tar packing) in a process pool with
-   one process per CPU, after a warm-up, no writing; and the Ray Data
-   pipeline after a warm-up run (Ray started; shards, index and manifest
-   written: the steady state of a long job).
-3. End to end on the same 200 clips, start-up included: `python -m
-   jobs.preprocess` as a user runs it (it starts a local Ray, writes shards,
-   index and manifest) against the plain loop.
-4. 2-minute clips: the plain loop (it decodes the whole clip) against the
-   chain (it seeks to the sampled frames and decodes 10 s of audio).
+The baseline, measured in the same run, is the plain loop as a user writes it:
+per clip, ffprobe for the duration, then one ffmpeg that decodes the whole clip
+through an `fps` filter into 8 JPEG files and a 16 kHz mono WAV of at most
+10 s, one clip after another, with the system's ffmpeg and ffprobe (ffmpeg's
+default threads use every core). "The job" is `pipelines.preprocess.preprocess`,
+what `gram preprocess` runs: shard tasks that decode, write the shards, the
+manifest and `index.json`.
 
-Part `pipeline`: the Ray Data pipeline against the same per-clip work in a
-process pool (warm, cold, 1 vs all CPUs, the shared real clips), and peak RSS
-for 500 vs 2,000 inputs. Results print as a table and go to
+Part `speed`:
+1. CPU ms per call: starting the system's ffmpeg and the static ffmpeg of the
+   imageio-ffmpeg wheel, and probing a clip with ffprobe, with `ffmpeg -i`
+   and with `media.probe` (PyAV, in process).
+2. CPU s per clip, one clip after another (what each way costs, whatever the
+   load): the plain loop (system and static ffmpeg) against the per-clip chain
+   (`pipelines.stages.process_item`: probe, one ffmpeg run for frames and
+   audio, JPEG/FLAC/tar packing), on 5 s clips, on 2-minute clips with a
+   keyframe every 10 s (x264's default of 250 frames) and every 2 s, and on
+   30 s clips with a keyframe every second.
+3. 200 generated 5 s clips (640x360, 25 fps, h264 + aac stereo): the plain
+   loop (also with the static ffmpeg, and with one process per CPU); the chain
+   in a process pool after a warm-up, no writing (the bound); the job with
+   `execution.mode=ray` after a warm-up run in the same Ray (Ray up, workers
+   warm: the steady state of a long job); the job with `execution.mode=local`
+   after a warm-up (in process, one clip after another); `gram preprocess`
+   end to end as a user runs it, start-up included (200 inputs: Ray), and
+   the same with `execution.mode=local`.
+4. 8 generated 2-minute clips: the plain loop (it decodes the whole clip)
+   against the chain in a pool and the job (`execution.mode=ray`, warm).
+5. One clip: `gram preprocess` end to end (in process: up to
+   `execution.local_max_inputs` inputs run without Ray), median of 3, with
+   the CPU it used.
+
+Part `e2e` is only the end-to-end rows of `speed` (3 and 5) and their
+baseline: start-up times suffer most from other work, so run it when the
+machine is quiet.
+
+Part `pipeline`, what orchestration costs: the job against the bound on the same
+clips (`execution.mode=ray` warm and cold, Ray's start-up included; 1 CPU
+against all; `execution.mode=local` against a 1-process bound; the real clips
+of `shared/data/media` when present) and the driver's peak RSS at 500 and
+2,000 inputs.
+
+Each table prints as Markdown, ready for docs/preprocessing.md, under the load
+average at the start and end of the run: on a shared machine the ratios in one
+run are meaningful, the absolute times are not. Results also go to
 results/bench_preprocess.json.
 """
 
@@ -36,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -46,7 +68,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -61,9 +84,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MEDIA = Path(os.environ.get("GRAM_SHARED_DATA", REPO.parent / "shared" / "data")) / "media"
 BENCH_SPEC = ClipSpec(width=640, height=360, fps=25, duration=5.0, audio_channels=2)
 LONG_SPEC = ClipSpec(width=640, height=360, fps=25, duration=120.0, audio_channels=2)
+LONG_GOP2_SPEC = dataclasses.replace(LONG_SPEC, keyframe_s=2.0)
+MID_GOP1_SPEC = dataclasses.replace(BENCH_SPEC, duration=30.0, keyframe_s=1.0)
 SMALL_SPEC = ClipSpec(width=320, height=180, fps=25, duration=2.0, audio_channels=2)
 NUM_FRAMES, FRAME_SIZE, AUDIO_RATE, AUDIO_SECONDS = 8, 224, 16_000, 10.0
-"""What both sides produce per clip: the pipeline's defaults."""
+"""What both sides produce per clip: the job's defaults."""
+
+Results = dict[str, dict[str, float]]
 
 _STAGES: list[Stage] | None = None  # set in each pool worker by `_init_bound`
 
@@ -106,10 +133,14 @@ def repeat_manifest(source: Path, times: int, dest: Path) -> Path:
     return dest
 
 
+def _rate(clips: int, ok: int, seconds: float) -> dict[str, float]:
+    return {"clips": clips, "ok": ok, "seconds": seconds, "clips_per_s": clips / seconds}
+
+
 def _init_bound() -> None:
     global _STAGES
     _STAGES = build_stages(PreprocessConfig())
-    media.ffmpeg_exe()  # resolved once per process, as in a pipeline worker
+    media.ffmpeg_exe()  # resolved once per process, as in a shard task
 
 
 def _bound_one(item: InputItem) -> str:
@@ -132,13 +163,7 @@ def bound(manifest: Path, procs: int, *, warmup: int = 0) -> dict[str, float]:
             list(pool.imap_unordered(_bound_one, items[: warmup * procs], chunksize=1))
             start = time.perf_counter()
         statuses = list(pool.imap_unordered(_bound_one, items, chunksize=1))
-    seconds = time.perf_counter() - start
-    return {
-        "clips": len(items),
-        "ok": statuses.count("ok"),
-        "seconds": seconds,
-        "clips_per_s": len(items) / seconds,
-    }
+    return _rate(len(items), statuses.count("ok"), time.perf_counter() - start)
 
 
 def plain_clip(args: tuple[str, str, str]) -> str:
@@ -154,18 +179,9 @@ def plain_clip(args: tuple[str, str, str]) -> str:
             f"force_original_aspect_ratio=increase,crop={FRAME_SIZE}:{FRAME_SIZE}"
         )
         frames = ["-vf", vf, "-frames:v", str(NUM_FRAMES), f"{out}/f%02d.jpg"]
-        audio = [
-            "-vn",
-            "-ac",
-            "1",
-            "-ar",
-            str(AUDIO_RATE),
-            "-t",
-            str(AUDIO_SECONDS),
-            f"{out}/a.wav",
-        ]
+        audio = ["-vn", "-ac", "1", "-ar", str(AUDIO_RATE), "-t", str(AUDIO_SECONDS)]
         subprocess.run(
-            [ffmpeg, "-nostdin", "-v", "error", "-y", "-i", video, *frames, *audio],
+            [ffmpeg, "-nostdin", "-v", "error", "-y", "-i", video, *frames, *audio, f"{out}/a.wav"],
             capture_output=True,
             check=True,
         )
@@ -182,13 +198,7 @@ def plain_loop(manifest: Path, ffmpeg: str, ffprobe: str, procs: int) -> dict[st
     else:
         with mp.Pool(procs) as pool:
             statuses = list(pool.imap_unordered(plain_clip, jobs, chunksize=1))
-    seconds = time.perf_counter() - start
-    return {
-        "clips": len(jobs),
-        "ok": statuses.count("ok"),
-        "seconds": seconds,
-        "clips_per_s": len(jobs) / seconds,
-    }
+    return _rate(len(jobs), statuses.count("ok"), time.perf_counter() - start)
 
 
 def _children_cpu_s() -> float:
@@ -216,16 +226,11 @@ def startup_and_probe(clip: str, repeats: int) -> dict[str, float]:
         return lambda: subprocess.run(list(args), capture_output=True, check=False)
 
     media.probe(clip, timeout_s=60)  # PyAV imported and warm
+    probe_json = ["-v", "error", "-show_format", "-show_streams", "-of", "json", clip]
     return {
         "system_ffmpeg_version": _cpu_ms(run(system_ffmpeg, "-version"), repeats, children=True),
         "static_ffmpeg_version": _cpu_ms(run(static, "-version"), repeats, children=True),
-        "system_ffprobe_json": _cpu_ms(
-            run(
-                system_ffprobe, "-v", "error", "-show_format", "-show_streams", "-of", "json", clip
-            ),
-            repeats,
-            children=True,
-        ),
+        "system_ffprobe_json": _cpu_ms(run(system_ffprobe, *probe_json), repeats, children=True),
         "static_ffmpeg_dash_i": _cpu_ms(
             run(static, "-hide_banner", "-i", clip), repeats, children=True
         ),
@@ -260,29 +265,54 @@ def cpu_per_clip(manifest: Path, ffmpeg: str, ffprobe: str, count: int) -> dict[
     return out
 
 
-def end_to_end(manifest: Path, work: Path) -> dict[str, float]:
-    """`python -m jobs.preprocess` as a user runs it, start-up included: clips/s."""
-    out = work / "e2e-out"
-    shutil.rmtree(out, ignore_errors=True)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="gram-bench-ray-"))
+def _subprocess_env(ray_tmp: Path | None = None) -> dict[str, str]:
+    """This environment for a child run: the repository importable, no cluster to join,
+    and (when given) the run's own Ray folder."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(ray_tmp)  # this run's own Ray folder
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "jobs.preprocess", "--input", str(manifest), "--output", str(out)]
-    start = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, check=False)
-    seconds = time.perf_counter() - start
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"jobs.preprocess failed:\n{res.stderr[-3000:]}")
-    index = json.loads((out / "index.json").read_text())
-    clips = int(index["totals"]["inputs"])
-    return {
-        "clips": clips,
-        "ok": int(index["totals"]["ok"]),
-        "seconds": seconds,
-        "clips_per_s": clips / seconds,
-    }
+    if ray_tmp is not None:
+        env["RAY_TMPDIR"] = str(ray_tmp)
+    return env
+
+
+def _gram() -> list[str]:
+    """The `gram` command of this environment (its console script, else `python -m jobs.cli`)."""
+    script = Path(sys.executable).parent / "gram"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "jobs.cli"]
+
+
+def gram_preprocess(manifest: Path, work: Path, *overrides: str) -> dict[str, float]:
+    """`gram preprocess` as a user runs it, start-up (and Ray's, if it starts one) included;
+    `cpu_s` counts the command and the processes it waited for (not Ray's workers)."""
+    out = Path(tempfile.mkdtemp(prefix="gram-bench-out-", dir=work))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="gram-bench-ray-"))
+    cmd = [*_gram(), "preprocess", "--input", str(manifest), "--output", str(out / "shards")]
+    try:
+        start, cpu = time.perf_counter(), _children_cpu_s()
+        res = subprocess.run(
+            [*cmd, *overrides],
+            capture_output=True,
+            text=True,
+            env=_subprocess_env(ray_tmp),
+            cwd=REPO,
+            check=False,
+        )
+        seconds, cpu = time.perf_counter() - start, _children_cpu_s() - cpu
+        if res.returncode != 0:
+            raise RuntimeError(f"gram preprocess failed:\n{res.stderr[-3000:]}")
+        totals = json.loads((out / "shards" / "index.json").read_text())["totals"]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return {**_rate(int(totals["inputs"]), int(totals["ok"]), seconds), "cpu_s": cpu}
+
+
+def gram_preprocess_median(manifest: Path, work: Path, repeats: int) -> dict[str, float]:
+    """The median of `repeats` runs of `gram_preprocess` (by wall time)."""
+    runs = sorted(
+        (gram_preprocess(manifest, work) for _ in range(repeats)), key=lambda r: r["seconds"]
+    )
+    return runs[len(runs) // 2]
 
 
 class PeakRss:
@@ -314,202 +344,362 @@ class PeakRss:
 
 
 def child(args: argparse.Namespace) -> None:
-    """One pipeline measurement in a fresh local Ray with `args.cpus` CPUs (prints JSON)."""
+    """One run of the job in this fresh process (prints JSON): `preprocess(config)` with
+    `execution.mode=args.mode`. With `--warmup`, a first run on those clips is not timed;
+    with mode `ray` both run in one local Ray of `args.cpus` CPUs, started here (as the
+    job starts it: no dashboard) with its own temp folder. Without a warm-up the timing
+    includes Ray's start."""
     import ray
 
     from pipelines.preprocess import preprocess
-    from pipelines.ray_adapter import ray_executor
 
     os.environ.pop("RAY_ADDRESS", None)
-    with PeakRss() as rss:
-        tmp = Path(tempfile.mkdtemp(prefix="gram-bench-"))
-        ray.init(
-            num_cpus=args.cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            _temp_dir=str(tmp / "ray"),  # this run's own Ray folder
-        )
-        if args.warmup:
-            cfg = PreprocessConfig(input=args.warmup, output=str(tmp / "warmup"))
-            preprocess(cfg, ray_executor(cfg))
-        cfg = PreprocessConfig(input=args.manifest, output=str(tmp / "out"))
+    tmp = Path(tempfile.mkdtemp(prefix="gram-bench-"))
+
+    def config(manifest: str, output: str) -> PreprocessConfig:
+        cfg = PreprocessConfig(input=manifest, output=str(tmp / output))
+        cfg.execution.mode = args.mode
+        cfg.execution.local_num_cpus = args.cpus
         cfg.execution.progress_interval_s = 30
+        return cfg
+
+    with PeakRss() as rss:
         start = time.perf_counter()
-        summary = preprocess(cfg, ray_executor(cfg))
+        if args.mode == "ray":
+            ray.init(
+                num_cpus=args.cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                _temp_dir=str(tmp / "ray"),
+            )
+        if args.warmup:
+            preprocess(config(args.warmup, "warmup"))
+            start = time.perf_counter()
+        summary = preprocess(config(args.manifest, "out"))
         seconds = time.perf_counter() - start
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(
-        json.dumps(
-            {
-                "clips": summary.inputs,
-                "ok": summary.ok,
-                "seconds": seconds,
-                "clips_per_s": summary.inputs / seconds,
-                "bytes": summary.bytes_written,
-                "peak_driver_rss_mb": rss.driver / 2**20,
-                "peak_tree_rss_mb": rss.tree / 2**20,
-            }
+        if args.mode == "ray":
+            ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
+    result = _rate(summary.inputs, summary.ok, seconds)
+    result.update(
+        bytes=summary.bytes_written,
+        peak_driver_rss_mb=rss.driver / 2**20,
+        peak_tree_rss_mb=rss.tree / 2**20,
+    )
+    print(json.dumps({**result, "mode": summary.mode}))
+
+
+def job(manifest: Path, mode: str, cpus: int, warmup: Path | None) -> dict[str, float]:
+    """Run `child` in a subprocess (a fresh process, and Ray, each time) and return its JSON."""
+    cmd = [sys.executable, __file__, "--child", "--manifest", str(manifest)]
+    cmd += ["--mode", mode, "--cpus", str(cpus)]
+    if warmup is not None:
+        cmd += ["--warmup", str(warmup)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_subprocess_env(), check=False)
+    if res.returncode != 0:
+        raise RuntimeError(f"job run failed:\n{res.stderr[-3000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if out.pop("mode") != mode:
+        raise RuntimeError(f"the job did not run with execution.mode={mode}")
+    return {k: float(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a clips/s table: `key` in the results, compared with `base`."""
+
+    label: str
+    key: str
+    base: str
+
+
+def rate_table(results: Results, rows: Sequence[Row], title: str, against: str) -> list[str]:
+    """A Markdown table of clips/s, each row against its base."""
+    lines = [
+        f"| {title} | clips | ok | s | clips/s | vs {against} |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        x, base = results[row.key], results[row.base]
+        ratio = x["clips_per_s"] / base["clips_per_s"]
+        lines.append(
+            f"| {row.label} | {x['clips']:.0f} | {x['ok']:.0f} | {x['seconds']:.1f} "
+            f"| {x['clips_per_s']:.2f} | {ratio:.2f}x |"
         )
+    return lines
+
+
+def load_line(start: Sequence[float], end: Sequence[float]) -> str:
+    """The load averages (1, 5, 15 min) at the start and end of a part."""
+    return (
+        f"Load average at the start {', '.join(f'{x:.1f}' for x in start)}; "
+        f"at the end {', '.join(f'{x:.1f}' for x in end)} ({os.cpu_count()} CPUs)."
     )
 
 
-def pipeline(manifest: Path, cpus: int, warmup: Path | None) -> dict[str, float]:
-    """Run `child` in a subprocess (a fresh Ray each time) and return its JSON."""
-    cmd = [sys.executable, __file__, "--child", "--manifest", str(manifest), "--cpus", str(cpus)]
-    if warmup is not None:
-        cmd += ["--warmup", str(warmup)]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if res.returncode != 0:
-        raise RuntimeError(f"pipeline run failed:\n{res.stderr[-3000:]}")
-    out: dict[str, float] = json.loads(res.stdout.strip().splitlines()[-1])
-    return out
+def end_to_end(r: Results, clips: Path, one: Path, work: Path) -> None:
+    """`gram preprocess` end to end on `clips` (Ray, and in process) and on `one` clip,
+    and the plain loop on that clip, into `r`."""
+    system = (shutil.which("ffmpeg") or "ffmpeg", shutil.which("ffprobe") or "ffprobe")
+    print("5 s clips: gram preprocess end to end ...", flush=True)
+    r["gram_e2e"] = gram_preprocess(clips, work)
+    r["gram_e2e_local"] = gram_preprocess(clips, work, "execution.mode=local")
+    print("1 clip: gram preprocess end to end, plain loop ...", flush=True)
+    r["one_gram_e2e"] = gram_preprocess_median(one, work, 3)
+    r["one_plain_system"] = plain_loop(one, *system, 1)
 
 
-def speed_part(work: Path, quick: bool, cpus: int) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Part `speed`: the per-clip path against the plain loop (see the module docstring)."""
+E2E_ROWS = [
+    Row("`gram preprocess` end to end, start-up included", "gram_e2e", "plain_system"),
+    Row("`gram preprocess execution.mode=local` end to end", "gram_e2e_local", "plain_system"),
+    Row("1 clip: plain loop", "one_plain_system", "one_plain_system"),
+    Row("1 clip: `gram preprocess` end to end (median of 3)", "one_gram_e2e", "one_plain_system"),
+]
+"""The rows of `end_to_end` (the first two prefixed with the clip set)."""
+
+
+def e2e_part(work: Path, quick: bool, cpus: int) -> tuple[Results, list[str]]:
+    """Part `e2e`: only the end-to-end rows and their baseline, for a quiet moment."""
+    n_clips = 40 if quick else 200
+    system = (shutil.which("ffmpeg") or "ffmpeg", shutil.which("ffprobe") or "ffprobe")
+    clips = make_set(work / "bench640", BENCH_SPEC, n_clips, n_clips)
+    one = make_set(work / "bench640", BENCH_SPEC, 1, 1)
+    load_start = os.getloadavg()
+    r: Results = {}
+    print("5 s clips: plain loop ...", flush=True)
+    r["plain_system"] = plain_loop(clips, *system, 1)
+    end_to_end(r, clips, one, work)
+    load_end = os.getloadavg()
+    n = f"{n_clips} x 5 s"
+    rows = [
+        Row(f"{n}: plain loop (system ffprobe + ffmpeg)", "plain_system", "plain_system"),
+        *(Row(f"{n}: {row.label}", row.key, row.base) for row in E2E_ROWS[:2]),
+        *E2E_ROWS[2:],
+    ]
+    title = f"run ({cpus} CPUs, generated 640x360 25 fps h264 + aac clips)"
+    lines = rate_table(r, rows, title, "plain loop")
+    lines += ["", *goal_table(r), "", load_line(load_start, load_end)]
+    return r, lines
+
+
+def speed_part(work: Path, quick: bool, cpus: int) -> tuple[Results, list[str]]:
+    """Part `speed`: the goals, against the plain loop (see the module docstring)."""
     n_clips, n_long = (40, 4) if quick else (200, 8)
     system = (shutil.which("ffmpeg") or "ffmpeg", shutil.which("ffprobe") or "ffprobe")
     static = media.ffmpeg_exe()
     print(f"generating {n_clips} x 5 s and {n_long} x 2 min clips in {work} ...", flush=True)
     clips = make_set(work / "bench640", BENCH_SPEC, n_clips, n_clips)
     long = make_set(work / "long640", LONG_SPEC, n_long, n_long)
-    r: dict[str, dict[str, float]] = {}
+    one = make_set(work / "bench640", BENCH_SPEC, 1, 1)
+    n_cpu = min(n_long, 4)
+    long_gop2 = make_set(work / "long640_gop2", LONG_GOP2_SPEC, n_cpu, n_cpu)
+    mid_gop1 = make_set(work / "mid640_gop1", MID_GOP1_SPEC, n_cpu, n_cpu)
+    warm = make_set(work / "small320", SMALL_SPEC, 8, 8)
+    load_start = os.getloadavg()
+    r: Results = {}
     print("start-up and probe cost ...", flush=True)
     r["cpu_ms_per_call"] = startup_and_probe(str(work / "bench640" / "clip_0000.mp4"), 15)
     print("CPU per clip ...", flush=True)
     r["cpu_s_per_clip"] = cpu_per_clip(clips, *system, 20)
-    r["cpu_s_per_clip_long"] = cpu_per_clip(long, *system, min(n_long, 4))
+    r["cpu_s_per_clip_long"] = cpu_per_clip(long, *system, n_cpu)
+    r["cpu_s_per_clip_long_gop2"] = cpu_per_clip(long_gop2, *system, n_cpu)
+    r["cpu_s_per_clip_mid_gop1"] = cpu_per_clip(mid_gop1, *system, n_cpu)
     print("5 s clips: plain loop (system, static, one per CPU), chain ...", flush=True)
     r["plain_system"] = plain_loop(clips, *system, 1)
     r["plain_static"] = plain_loop(clips, static, system[1], 1)
     r["plain_system_per_cpu"] = plain_loop(clips, *system, cpus)
     r["chain_steady"] = bound(clips, cpus, warmup=2)
-    print("5 s clips: the Ray Data pipeline after a warm-up run ...", flush=True)
-    warm = make_set(work / "small320", SMALL_SPEC, 8, 8)
-    r["pipeline_warm"] = pipeline(clips, cpus, warm)
-    print("end to end: python -m jobs.preprocess ...", flush=True)
-    r["jobs_preprocess_e2e"] = end_to_end(clips, work)
-    print("2-minute clips: plain loop, chain ...", flush=True)
+    print("5 s clips: the job, execution.mode=ray and local, warm ...", flush=True)
+    r["job_ray_warm"] = job(clips, "ray", cpus, warm)
+    r["job_local_warm"] = job(clips, "local", cpus, warm)
+    end_to_end(r, clips, one, work)
+    print("2-minute clips: plain loop, chain, the job ...", flush=True)
     r["long_plain_system"] = plain_loop(long, *system, 1)
     r["long_plain_system_per_cpu"] = plain_loop(long, *system, cpus)
     r["long_chain"] = bound(long, cpus, warmup=0)
+    r["long_job_ray_warm"] = job(long, "ray", cpus, warm)
+    load_end = os.getloadavg()
 
-    def rate(key: str) -> float:
-        return r[key]["clips_per_s"]
-
-    ms = r["cpu_ms_per_call"]
-    table = [
-        ("5 s clips, plain loop, system ffprobe + ffmpeg", "plain_system", "plain_system"),
-        ("5 s clips, plain loop, system ffprobe + static ffmpeg", "plain_static", "plain_system"),
-        (f"5 s clips, plain loop, {cpus} processes", "plain_system_per_cpu", "plain_system"),
-        (f"5 s clips, per-clip chain, {cpus} processes (steady)", "chain_steady", "plain_system"),
-        ("5 s clips, Ray Data pipeline, warm (shards written)", "pipeline_warm", "plain_system"),
-        ("5 s clips, jobs.preprocess end to end", "jobs_preprocess_e2e", "plain_system"),
-        ("2 min clips, plain loop (whole-clip decode)", "long_plain_system", "long_plain_system"),
-        (
-            f"2 min clips, plain loop, {cpus} processes",
-            "long_plain_system_per_cpu",
+    n, m = f"{n_clips} x 5 s", f"{n_long} x 2 min"
+    rows = [
+        Row(f"{n}: plain loop (system ffprobe + ffmpeg)", "plain_system", "plain_system"),
+        Row(f"{n}: plain loop, static ffmpeg (system ffprobe)", "plain_static", "plain_system"),
+        Row(f"{n}: plain loop, {cpus} processes", "plain_system_per_cpu", "plain_system"),
+        Row(
+            f"{n}: per-clip chain, {cpus} processes, steady (bound, no writing)",
+            "chain_steady",
+            "plain_system",
+        ),
+        Row(
+            f"{n}: the job, `execution.mode=ray`, warm (steady state)",
+            "job_ray_warm",
+            "plain_system",
+        ),
+        Row(f"{n}: the job, `execution.mode=local`, warm", "job_local_warm", "plain_system"),
+        *(Row(f"{n}: {row.label}", row.key, row.base) for row in E2E_ROWS[:2]),
+        Row(f"{m}: plain loop (whole-clip decode)", "long_plain_system", "long_plain_system"),
+        Row(f"{m}: plain loop, {cpus} processes", "long_plain_system_per_cpu", "long_plain_system"),
+        Row(f"{m}: per-clip chain, {cpus} processes", "long_chain", "long_plain_system"),
+        Row(
+            f"{m}: the job, `execution.mode=ray`, warm",
+            "long_job_ray_warm",
             "long_plain_system",
         ),
-        (f"2 min clips, per-clip chain, {cpus} processes", "long_chain", "long_plain_system"),
+        *E2E_ROWS[2:],
     ]
-    lines = [
-        "CPU ms per call (median): start ffmpeg -version: system "
-        f"{ms['system_ffmpeg_version']:.0f}, static {ms['static_ffmpeg_version']:.0f}; "
-        "probe a clip: "
-        f"system ffprobe {ms['system_ffprobe_json']:.0f}, static ffmpeg -i "
-        f"{ms['static_ffmpeg_dash_i']:.0f}, PyAV in process {ms['pyav_probe_in_process']:.1f}",
-        f"{'run':58s} {'clips':>5s} {'ok':>5s} {'s':>7s} {'clips/s':>8s} {'vs plain':>9s}",
-    ]
-    for label, key, base in table:
-        x = r[key]
-        lines.append(
-            f"{label:58s} {x['clips']:5.0f} {x['ok']:5.0f} {x['seconds']:7.1f} "
-            f"{x['clips_per_s']:8.2f} {rate(key) / rate(base):8.2f}x"
-        )
-    for key, label in (("cpu_s_per_clip", "5 s"), ("cpu_s_per_clip_long", "2 min")):
-        c = r[key]
-        lines.append(
-            f"CPU s per {label} clip, one after another: plain loop {c['plain_system']:.3f} "
-            f"(static ffmpeg {c['plain_static']:.3f}), chain {c['chain']:.3f} -> "
-            f"{c['plain_system'] / c['chain']:.2f}x less CPU"
-        )
-    lines.append(
-        f"chain vs plain loop with {cpus} processes: 5 s clips "
-        f"{rate('chain_steady') / rate('plain_system_per_cpu'):.2f}x, 2 min clips "
-        f"{rate('long_chain') / rate('long_plain_system_per_cpu'):.2f}x"
-    )
+    title = f"run ({cpus} CPUs, generated 640x360 25 fps h264 + aac clips)"
+    lines = rate_table(r, rows, title, "plain loop")
+    lines += ["", *cpu_tables(r), "", *goal_table(r), "", load_line(load_start, load_end)]
     return r, lines
 
 
-def pipeline_part(
-    work: Path, quick: bool, cpus: int
-) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Part `pipeline`: Ray Data against the same per-clip work in a pool, and memory."""
+def cpu_tables(r: Results) -> list[str]:
+    """CPU per call and per clip, as Markdown tables."""
+    ms = r["cpu_ms_per_call"]
+    lines = [
+        "| CPU ms per call (median) | ms |",
+        "| --- | ---: |",
+        f"| start the system's ffmpeg (`-version`) | {ms['system_ffmpeg_version']:.0f} |",
+        f"| start the static ffmpeg (`-version`) | {ms['static_ffmpeg_version']:.0f} |",
+        f"| probe a clip: system ffprobe (`-show_format -show_streams`) "
+        f"| {ms['system_ffprobe_json']:.0f} |",
+        f"| probe a clip: static `ffmpeg -i` | {ms['static_ffmpeg_dash_i']:.0f} |",
+        f"| probe a clip: `media.probe` (PyAV, in process) | {ms['pyav_probe_in_process']:.1f} |",
+        "",
+        "| CPU s per clip, one after another | plain loop | plain loop, static ffmpeg "
+        "| per-clip chain | plain loop / chain |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for key, label in (
+        ("cpu_s_per_clip", "5 s clips (one keyframe)"),
+        ("cpu_s_per_clip_long", "2 min clips, a keyframe every 10 s (x264's default)"),
+        ("cpu_s_per_clip_long_gop2", "2 min clips, a keyframe every 2 s"),
+        ("cpu_s_per_clip_mid_gop1", "30 s clips, a keyframe every second"),
+    ):
+        c = r[key]
+        lines.append(
+            f"| {label} | {c['plain_system']:.3f} | {c['plain_static']:.3f} | {c['chain']:.3f} "
+            f"| {c['plain_system'] / c['chain']:.2f}x |"
+        )
+    return lines
+
+
+def goal_table(r: Results) -> list[str]:
+    """The speed goals measured in this run, each against its baseline in the same run."""
+    ratios = [
+        ("5 s clips, steady state: the job (`execution.mode=ray`, warm) / plain loop",
+         "job_ray_warm", "plain_system", 1.2),
+        ("5 s clips, end to end: `gram preprocess` with start-up / plain loop",
+         "gram_e2e", "plain_system", 1.0),
+        ("2 min clips: the job (`execution.mode=ray`, warm) / whole-clip plain loop",
+         "long_job_ray_warm", "long_plain_system", 3.0),
+    ]  # fmt: skip
+    lines = ["| goal | measured | target | met |", "| --- | ---: | ---: | --- |"]
+
+    def add(label: str, measured: str, target: str, met: bool) -> None:
+        lines.append(f"| {label} | {measured} | {target} | {'yes' if met else 'no'} |")
+
+    for label, key, base, least in ratios:
+        if key in r:
+            value = r[key]["clips_per_s"] / r[base]["clips_per_s"]
+            add(label, f"{value:.2f}x", f">= {least:.1f}x", value >= least)
+    if "cpu_s_per_clip_long" in r:
+        c = r["cpu_s_per_clip_long"]
+        value = c["plain_system"] / c["chain"]
+        add("2 min clips: CPU per clip, plain loop / per-clip chain", f"{value:.2f}x", ">= 3.0x",
+            value >= 3.0)  # fmt: skip
+    one = r["one_gram_e2e"]
+    add(
+        "1 clip: `gram preprocess` end to end",
+        f"{one['seconds']:.1f} s ({one['cpu_s']:.1f} s of CPU)",
+        "<= 10 s",
+        one["seconds"] <= 10,
+    )
+    return lines
+
+
+def pipeline_part(work: Path, quick: bool, cpus: int) -> tuple[Results, list[str]]:
+    """Part `pipeline`: the job against the bound on the same clips, and its memory."""
     n_main, n_small, n_large = (40, 100, 400) if quick else (200, 500, 2000)
     print(f"generating clips in {work} ...", flush=True)
     bench = make_set(work / "bench640", BENCH_SPEC, n_main, n_main)
     small = make_set(work / "small320", SMALL_SPEC, 50, n_large)
     small_500 = make_set(work / "small320", SMALL_SPEC, 50, n_small)
-    warm = make_set(work / "small320", SMALL_SPEC, 50, 8)
-    results: dict[str, dict[str, float]] = {}
-    print("bound: same per-clip work in a multiprocessing.Pool ...", flush=True)
-    results["bound_generated"] = bound(bench, cpus)
-    print("pipeline on generated clips ...", flush=True)
-    results["pipeline_generated"] = pipeline(bench, cpus, warm)
-    results["pipeline_generated_1cpu"] = pipeline(bench, 1, warm)
-    results["pipeline_generated_cold"] = pipeline(bench, cpus, None)
+    warm = make_set(work / "small320", SMALL_SPEC, 8, 8)
+    load_start = os.getloadavg()
+    r: Results = {}
+    print("bound: the per-clip chain in a multiprocessing.Pool ...", flush=True)
+    r["bound"] = bound(bench, cpus, warmup=2)
+    r["bound_1"] = bound(bench, 1, warmup=2)
+    print("the job on generated clips ...", flush=True)
+    r["job_ray_warm"] = job(bench, "ray", cpus, warm)
+    r["job_ray_cold"] = job(bench, "ray", cpus, None)
+    r["job_ray_warm_1cpu"] = job(bench, "ray", 1, warm)
+    r["job_local_warm"] = job(bench, "local", cpus, warm)
+    rows = [
+        Row(f"bound: per-clip chain, {cpus} processes, steady, no writing", "bound", "bound"),
+        Row(f"the job, `execution.mode=ray`, {cpus} CPUs, warm", "job_ray_warm", "bound"),
+        Row(
+            f"the job, `execution.mode=ray`, {cpus} CPUs, cold (Ray's start included)",
+            "job_ray_cold",
+            "bound",
+        ),
+        Row("the job, `execution.mode=ray`, 1 CPU, warm", "job_ray_warm_1cpu", "bound_1"),
+        Row("bound: per-clip chain, 1 process, steady", "bound_1", "bound_1"),
+        Row("the job, `execution.mode=local` (in process), warm", "job_local_warm", "bound_1"),
+    ]
     if (SHARED_MEDIA / "captions.jsonl").is_file():
         real = repeat_manifest(SHARED_MEDIA / "captions.jsonl", 10, work / "real_x10.jsonl")
         print("real clips ...", flush=True)
-        results["bound_real"] = bound(real, cpus)
-        results["pipeline_real"] = pipeline(real, cpus, warm)
+        r["real_bound"] = bound(real, cpus, warmup=2)
+        r["real_job_ray_warm"] = job(real, "ray", cpus, warm)
+        rows += [
+            Row(f"real clips x10: bound, {cpus} processes", "real_bound", "real_bound"),
+            Row(
+                "real clips x10: the job, `execution.mode=ray`, warm",
+                "real_job_ray_warm",
+                "real_bound",
+            ),
+        ]
     print("memory: 500 vs 2000 inputs ...", flush=True)
-    results["memory_small"] = pipeline(small_500, cpus, warm)
-    results["memory_large"] = pipeline(small, cpus, warm)
-
-    def ratio(a: str, b: str) -> float:
-        return results[a]["clips_per_s"] / results[b]["clips_per_s"]
-
-    lines = [
-        f"generated {n_main} x 5 s 640x360 h264+aac: bound "
-        f"{results['bound_generated']['clips_per_s']:.2f} clips/s, pipeline "
-        f"{results['pipeline_generated']['clips_per_s']:.2f} clips/s "
-        f"-> ratio {ratio('pipeline_generated', 'bound_generated'):.2f} "
-        f"(cold, incl. Ray start: {results['pipeline_generated_cold']['clips_per_s']:.2f})",
-        f"scaling: 1 CPU {results['pipeline_generated_1cpu']['clips_per_s']:.2f} clips/s, "
-        f"{cpus} CPUs {results['pipeline_generated']['clips_per_s']:.2f} clips/s "
-        f"-> x{ratio('pipeline_generated', 'pipeline_generated_1cpu'):.2f}",
+    r["memory_small"] = job(small_500, "ray", cpus, warm)
+    r["memory_large"] = job(small, "ray", cpus, warm)
+    load_end = os.getloadavg()
+    title = f"run ({n_main} generated 5 s clips unless said, {cpus} CPUs)"
+    lines = rate_table(r, rows, title, "bound")
+    scaling = r["job_ray_warm"]["clips_per_s"] / r["job_ray_warm_1cpu"]["clips_per_s"]
+    lines += [
+        "",
+        f"Scaling of the job (`execution.mode=ray`, warm), 1 -> {cpus} CPUs: {scaling:.2f}x.",
+        "",
+        "| inputs (2 s 320x180 clips), `execution.mode=ray`, warm | clips/s "
+        "| peak driver RSS, MB | peak process-tree RSS, MB |",
+        "| ---: | ---: | ---: | ---: |",
     ]
-    if "bound_real" in results:
+    for key, count in (("memory_small", n_small), ("memory_large", n_large)):
+        x = r[key]
         lines.append(
-            f"real clips (6 x10 rows): bound {results['bound_real']['clips_per_s']:.2f} clips/s, "
-            f"pipeline {results['pipeline_real']['clips_per_s']:.2f} clips/s -> ratio "
-            f"{ratio('pipeline_real', 'bound_real'):.2f}"
+            f"| {count:,} | {x['clips_per_s']:.1f} | {x['peak_driver_rss_mb']:.0f} "
+            f"| {x['peak_tree_rss_mb']:.0f} |"
         )
-    for key, n in (("memory_small", n_small), ("memory_large", n_large)):
-        x = results[key]
-        lines.append(
-            f"memory, {n} inputs: peak driver RSS {x['peak_driver_rss_mb']:.0f} MB, "
-            f"peak process-tree RSS {x['peak_tree_rss_mb']:.0f} MB "
-            f"({x['clips_per_s']:.1f} clips/s)"
-        )
-    return results, lines
+    lines += ["", load_line(load_start, load_end)]
+    return r, lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sets (a smoke run)")
     parser.add_argument(
-        "--part", choices=("all", "speed", "pipeline"), default="all", help="what to measure"
+        "--part",
+        choices=("all", "speed", "pipeline", "e2e"),
+        default="all",
+        help="what to measure (e2e: only the end-to-end rows of speed, for a quiet moment)",
     )
     parser.add_argument("--work", default=str(REPO / "results" / "bench-media"))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=("ray", "local"), help=argparse.SUPPRESS)
     parser.add_argument("--warmup", help=argparse.SUPPRESS)
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -525,18 +715,15 @@ def main() -> None:
         "system_ffmpeg": _version(shutil.which("ffmpeg") or "ffmpeg"),
         "static_ffmpeg": _version(media.ffmpeg_exe()),
     }
-    results: dict[str, dict[str, float]] = {}
+    results: Results = {}
     lines: list[str] = []
-    for part, run in (("speed", speed_part), ("pipeline", pipeline_part)):
-        if args.part in ("all", part):
-            part_results, part_lines = run(work, args.quick, cpus)
-            results.update({f"{part}.{k}": v for k, v in part_results.items()})
-            lines += part_lines
+    parts = {"speed": speed_part, "pipeline": pipeline_part, "e2e": e2e_part}
+    for part in ("speed", "pipeline") if args.part == "all" else (args.part,):
+        part_results, part_lines = parts[part](work, args.quick, cpus)
+        results.update({f"{part}.{k}": v for k, v in part_results.items()})
+        lines += [f"Part `{part}`:", "", *part_lines, ""]
     machine["load_avg_at_end"] = os.getloadavg()
-    lines.append(
-        f"load average start/end: {machine['load_avg_at_start']} / {machine['load_avg_at_end']}"
-    )
-    lines.append(f"system ffmpeg: {machine['system_ffmpeg']}; static: {machine['static_ffmpeg']}")
+    lines.append(f"System ffmpeg: {machine['system_ffmpeg']}; static: {machine['static_ffmpeg']}.")
     print("\n".join(lines))
     out = REPO / "results" / "bench_preprocess.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,8 @@ spent reading and checking the input, the time until the first shard task
 was submitted (that plus Ray's start-up), the shard phase's rate, and the
 time compacting the manifest; the driver's peak RSS and its growth from the
 smallest size; its CPU time (sampled, so the last 0.2 s may be missing).
-Results also go to results/bench_preprocess_scale.json.
+The table prints as Markdown, ready for docs/preprocessing.md, with the load
+average at the start and end. Results also go to results/bench_preprocess_scale.json.
 """
 
 from __future__ import annotations
@@ -78,8 +79,8 @@ class DriverRss:
 
 
 def _clock(line: str) -> float | None:
-    """Seconds of the day of a `[HH:MM:SS name] ...` log line."""
-    match = re.match(r"\[(\d\d):(\d\d):(\d\d) ", line)
+    """Seconds of the day of a job's log line (`YYYY-MM-DD HH:MM:SS,mmm LEVEL name: ...`)."""
+    match = re.match(r"\d{4}-\d\d-\d\d (\d\d):(\d\d):(\d\d)", line)
     if match is None:
         return None
     h, m, s = (int(g) for g in match.groups())
@@ -154,21 +155,26 @@ def main() -> None:
     load_end = os.getloadavg()
     base = results[0]["peak_driver_rss_mb"]
     lines = [
-        f"{'inputs':>10} {'wall s':>7} {'inputs/s':>9} {'reading s':>10} {'to 1st task s':>14} "
-        f"{'in tasks /s':>12} {'compact s':>10} {'driver CPU s':>13} {'driver RSS MB':>14} "
-        f"{'growth':>7}"
+        "| inputs | wall s | inputs/s | reading the input, s | until the 1st task, s "
+        "| shard phase, inputs/s | compaction, s | driver CPU, s | driver peak RSS, MB |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
-        lines.append(
-            f"{r['inputs']:>10,} {r['seconds']:>7.1f} {r['inputs_per_s']:>9,.0f} "
-            f"{r['seconds_reading_inputs']:>10.1f} {r['seconds_before_tasks']:>14.0f} "
-            f"{r['inputs_per_s_in_tasks']:>12,.0f} {r['seconds_compacting']:>10.1f} "
-            f"{r['driver_cpu_s']:>13.1f} {r['peak_driver_rss_mb']:>14.0f} "
-            f"{r['peak_driver_rss_mb'] - base:>+7.0f}"
+        growth = r["peak_driver_rss_mb"] - base
+        rss = f"{r['peak_driver_rss_mb']:.0f}" + (
+            f" ({growth:+.0f})" if r is not results[0] else ""
         )
-    lines.append(
-        f"cpus {os.cpu_count()}, load average start {load_start[0]:.1f}, end {load_end[0]:.1f}"
-    )
+        lines.append(
+            f"| {r['inputs']:,} | {r['seconds']:.1f} | {r['inputs_per_s']:,.0f} "
+            f"| {r['seconds_reading_inputs']:.1f} | {r['seconds_before_tasks']:.0f} "
+            f"| {r['inputs_per_s_in_tasks']:,.0f} | {r['seconds_compacting']:.1f} "
+            f"| {r['driver_cpu_s']:.1f} | {rss} |"
+        )
+    lines += [
+        "",
+        f"Load average at the start {', '.join(f'{x:.1f}' for x in load_start)}; "
+        f"at the end {', '.join(f'{x:.1f}' for x in load_end)} ({os.cpu_count()} CPUs).",
+    ]
     print("\n".join(lines))
     out = REPO / "results" / "bench_preprocess_scale.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,9 @@ class FramesConfig:
     jpeg_quality: int = 90
     """JPEG quality, 1-95 (Pillow's scale)."""
     seek_above_s: float = 60.0
-    """Clips longer than this (seconds) seek to each frame instead of one decode pass."""
+    """Clips longer than this (seconds) seek to each frame instead of one decode pass, when
+    the container has no complete keyframe index; with one (mp4/mov), the way that decodes
+    less is taken."""
 
     def __post_init__(self) -> None:
         _check(self.num_segments >= 1, "frames.num_segments", "must be >= 1")

@@ -11,8 +11,9 @@ and returns a few numbers. The driver keeps at most
 `execution.max_tasks_in_flight` tasks submitted; nothing per input passes
 through it. When fewer shards are left than task slots (a small run), each
 shard task spreads its clips over sub-tasks of `execution.clips_per_task`
-clips and writes their results in order, so every CPU works; a task blocked
-waiting for its sub-tasks gives its CPU back to Ray meanwhile.
+clips, keeps twice as many submitted as there are slots (so no CPU idles
+while it waits for an earlier one) and writes their results in input order;
+a task blocked waiting for its sub-tasks gives its CPU back to Ray meanwhile.
 
 Every job joins or starts Ray through `connect_ray` (preprocessing here, training
 and evaluation in jobs/), so a job submitted with `ray job submit` or `gram submit`
@@ -220,8 +221,10 @@ def ray_executor(config: PreprocessConfig) -> Executor:
             cluster_cpus = _check_cpus(cpus)
             slots = max(1, int(cluster_cpus // cpus))
             window = execution.max_tasks_in_flight or 2 * slots
-            # Fewer shards than slots: each shard task spreads its clips over the free slots.
-            spread = (execution.clips_per_task, slots if total < slots else 1, cpus)
+            # Fewer shards than slots: each shard task spreads its clips over the free slots,
+            # with as many sub-tasks queued again, so no CPU idles while the shard task waits
+            # for an earlier sub-task's result (it takes them in input order).
+            spread = (execution.clips_per_task, 2 * slots if total < slots else 1, cpus)
             log.info(
                 "%d shard tasks on %.0f CPUs, %.2f CPUs each, up to %d at a time%s",
                 total,

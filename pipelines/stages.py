@@ -169,6 +169,7 @@ class DecodeStage:
             seek_above_s=self.seek_above_s,
             duration=info.duration,
             fps=info.fps,
+            keyframes=info.keyframes,
             audio_from=source,
             audio_samples=samples,
             workdir=str(task.workdir),

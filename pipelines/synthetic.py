@@ -92,14 +92,16 @@ class ClipSpec:
     """First second at `fps`, the rest at a third of it (timestamps, not duplicated frames)."""
     faststart: bool = False
     """mp4/mov: index (moov) first; False leaves it at the end, as most cameras do."""
+    keyframe_s: float = 10.0
+    """Seconds between keyframes (the encoder's GOP, x264's default 250 frames at 25 fps)."""
 
     def __post_init__(self) -> None:
         if self.width % 2 or self.height % 2 or self.width < 16 or self.height < 16:
             raise ValueError(
                 f"width and height must be even and >= 16, got {self.width}x{self.height}"
             )
-        if self.duration <= 0 or self.fps <= 0:
-            raise ValueError("duration and fps must be > 0")
+        if self.duration <= 0 or self.fps <= 0 or self.keyframe_s <= 0:
+            raise ValueError("duration, fps and keyframe_s must be > 0")
         if self.rotation % 90:
             raise ValueError(f"rotation must be a multiple of 90, got {self.rotation}")
 
@@ -137,7 +139,13 @@ def make_clip(spec: ClipSpec, path: str | Path, *, timeout_s: float = 300.0) -> 
         vf.append(f"select='lt(n\\,{fps})+not(mod(n\\,3))'")
         vf.append(f"setpts='if(lt(N\\,{fps})\\,N/{fps}\\,1+(N-{fps})*3/{fps})/TB'")
         args += ["-fps_mode", "vfr"]
-    args += ["-vf", ",".join(vf), *_VIDEO_ARGS[spec.video_codec], "-g", str(int(spec.fps * 10))]
+    args += [
+        "-vf",
+        ",".join(vf),
+        *_VIDEO_ARGS[spec.video_codec],
+        "-g",
+        str(max(1, int(spec.fps * spec.keyframe_s))),
+    ]
     if spec.audio_codec is not None:
         args += [*_AUDIO_ARGS[spec.audio_codec], "-ac", str(spec.audio_channels)]
     if spec.container in ("mp4", "mov") and spec.faststart:

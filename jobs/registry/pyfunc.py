@@ -97,7 +97,7 @@ class InferenceConfig:
     num_segments: frames at the midpoints of this many equal segments (`frames.num_segments`).
     frame_size: short side scaled to this, centre-cropped, pixels (`frames.size`).
     max_audio_seconds: audio kept from the start of a file, s (`audio.max_seconds`).
-    media_timeout_s: ffmpeg/ffprobe time limit per file, s.
+    media_timeout_s: time limit per file for probing and for ffmpeg, s.
     media_roots, s3_prefixes, max_rows, max_media_bytes, max_media_seconds: what clients
         may send (`jobs.registry.served_inputs.ServingPolicy`); the serving process's
         `GRAM_SERVING_<KEY>` environment variables override them.
@@ -124,24 +124,6 @@ class InferenceConfig:
 def _bad_input(message: str) -> MlflowException:
     """An input error: the scoring server answers 400 with this message."""
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
-
-
-def _media_duration(path: str, timeout_s: float) -> float:
-    """Container duration in seconds (ffprobe), for audio-only files too."""
-    from pipelines.media import MediaError, run_command
-
-    ffprobe = ["ffprobe", "-v", "error"]
-    ffprobe += [arg for k, v in FFMPEG_INPUT_OPTIONS.items() for arg in (f"-{k}", v)]
-    out = run_command(
-        [*ffprobe, "-show_entries", "format=duration", "-of", "json", path], timeout_s=timeout_s
-    )
-    try:
-        seconds = float(json.loads(out)["format"]["duration"])
-    except (KeyError, TypeError, ValueError):
-        raise MediaError("no_duration", "ffprobe reports no duration") from None
-    if not math.isfinite(seconds) or seconds <= 0:
-        raise MediaError("no_duration", f"ffprobe reports a duration of {seconds}")
-    return seconds
 
 
 class GramPyfunc(PythonModel):
@@ -201,7 +183,9 @@ class GramPyfunc(PythonModel):
         except media.MediaError as exc:
             if exc.reason != "no_video":
                 raise
-            duration = _media_duration(path, timeout)  # an audio-only file
+            duration = media.media_duration(  # an audio-only file: the container's duration
+                path, timeout_s=timeout, input_options=FFMPEG_INPUT_OPTIONS
+            )
         spend(duration)
         samples = max(1, media.audio_length(duration, self.inference.max_audio_seconds))
         pcm = media.extract_audio(

@@ -19,12 +19,13 @@ Anything else is refused (`RefusedInputError`) with a message that states the ru
 nothing about the file: the same words whether it exists, is a directory or cannot be
 read. No roots and no prefixes by default: only inline bytes are accepted.
 
-ffmpeg and ffprobe read only those copies, with `FFMPEG_INPUT_OPTIONS`: the `file` and
-`pipe` protocols only, container formats from a fixed list (no playlists such as HLS or
-concat, which make ffmpeg open other files or URLs named inside the media), and a
-bounded probe. A request has at most `max_rows` rows, each row's media at most
-`max_media_seconds` of duration (`RowBudget`); media failures are reported by their
-reason code (`media_failure`), never with ffmpeg's own output.
+ffmpeg and the in-process probes (`pipelines.media`, FFmpeg's demuxers through PyAV)
+read only those copies, with `FFMPEG_INPUT_OPTIONS`: the `file` and `pipe` protocols
+only, container formats from a fixed list (no playlists such as HLS or concat, which
+make ffmpeg open other files or URLs named inside the media), and a bounded probe. A
+request has at most `max_rows` rows, each row's media at most `max_media_seconds` of
+duration (`RowBudget`); media failures are reported by their reason code
+(`media_failure`), never with ffmpeg's own output.
 
 Where the limits come from: the `serving.*` keys given at registration (stored with the
 model version), each overridden by the serving process's environment, `ENV_PREFIX` +
@@ -69,7 +70,8 @@ FFMPEG_INPUT_OPTIONS: dict[str, str] = {
     "probesize": "5000000",  # bytes read to identify streams
     "analyzeduration": "5000000",  # microseconds of media read to identify streams
 }
-"""Options ffmpeg/ffprobe get before every served input (`pipelines.media` `input_options`)."""
+"""FFmpeg options before every served input, in ffmpeg and in the in-process probes
+(`pipelines.media` `input_options`)."""
 
 _CHUNK = 1 << 20
 

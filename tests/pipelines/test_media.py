@@ -20,6 +20,7 @@ from PIL import Image
 from gram.schema import SAMPLE_RATE
 from pipelines import media
 from pipelines.media import MediaError
+from pipelines.synthetic import ClipSpec, make_clip
 from tests.pipelines.conftest import SHELL_NAME
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,6 +112,38 @@ def test_one_pass_and_seeking_decode_give_the_same_frames(media_dir):
     assert one_pass == seeking
 
 
+def test_the_keyframe_index_picks_one_pass_or_seeking_whichever_decodes_less(
+    media_dir, tmp_path, monkeypatch
+):
+    small = {"width": 64, "height": 48, "fps": 10, "audio_codec": None}
+    dense = make_clip(ClipSpec(duration=20, keyframe_s=1, **small), tmp_path / "dense.mp4")
+    sparse = make_clip(ClipSpec(duration=70, keyframe_s=100, **small), tmp_path / "sparse.mp4")
+    commands: list[list[str]] = []
+    run = media.run_command
+
+    def recorded(args: list[str], **kw):
+        commands.append(args)
+        return run(args, **kw)
+
+    monkeypatch.setattr(media, "run_command", recorded)
+    # 20 s with a keyframe every second: seeking, though it is under seek_above_s (60 s);
+    # 70 s with one keyframe: one pass, though it is over seek_above_s.
+    for path, keyframes, seeks in ((dense, 20, True), (sparse, 1, False)):
+        info = media.probe(str(path), timeout_s=30)
+        assert len(info.keyframes) == keyframes
+        commands.clear()
+        times = media.frame_times(info.duration, 8)
+        chosen = media.decode_clip(
+            str(path), times, duration=info.duration, fps=info.fps, keyframes=info.keyframes
+        ).frames
+        assert ("-ss" in commands[0]) == seeks
+        assert chosen == _frames(path, info, seek_above_s=1e9 if seeks else 0.0)
+        assert len(set(chosen)) == 8
+    # Indexes that list only some keyframes (Matroska's cues, or built while demuxing)
+    # are not used: the duration decides.
+    assert media.probe(str(media_dir["vp9_opus.webm"].path), timeout_s=30).keyframes == ()
+
+
 def test_video_track_shorter_than_the_audio_is_sampled_where_there_is_video(tmp_path):
     clip = tmp_path / "short_video.mp4"
     lavfi = ["-f", "lavfi", "-i"]
@@ -134,6 +167,7 @@ def test_clip_shorter_than_the_frame_count_repeats_frames(media_dir):
 def test_long_clip_seeks_to_sampled_frames_only(media_dir):
     info = media.probe(str(media_dir["long.mp4"].path), timeout_s=30)
     assert info.duration == pytest.approx(90.0, abs=0.5)
+    assert info.keyframes == tuple(10.0 * k for k in range(9))  # the mp4 index: every 10 s
     frames = _frames(media_dir["long.mp4"].path, info, seek_above_s=60.0)
     assert len(frames) == 8
     assert len(set(frames)) == 8
@@ -216,6 +250,23 @@ def test_separate_audio_files_are_checked_in_process(media_dir, tmp_path, monkey
     with pytest.raises(MediaError) as err:
         media.has_audio_stream(str(media_dir["broken_text.mp4"].path), timeout_s=30)
     assert err.value.reason == "unreadable"
+
+
+def test_media_duration_of_audio_only_files_is_read_in_process(media_dir, tmp_path, monkeypatch):
+    tone = (np.sin(np.arange(24_000) / 3.0) * 9000).astype(np.int16)  # 1.5 s at 16 kHz
+    soundfile.write(tmp_path / "tone.wav", tone, SAMPLE_RATE)
+    with monkeypatch.context() as no_tools:
+        no_tools.setenv("PATH", str(tmp_path))  # no ffprobe or ffmpeg can be started
+        m4a = media.media_duration(str(media_dir["broken_audio_only.mp4"].path), timeout_s=30)
+        wav = media.media_duration(str(tmp_path / "tone.wav"), timeout_s=30)
+        clip = media.media_duration(str(media_dir["h264_aac.mp4"].path), timeout_s=30)
+    assert m4a == pytest.approx(1.0, abs=0.05)  # 1 s of AAC (plus its priming)
+    assert wav == pytest.approx(1.5, abs=1e-3)
+    assert clip == pytest.approx(2.0, abs=0.05)
+    for name, reason in (("broken_text.mp4", "unreadable"), ("broken_empty.mp4", "unreadable")):
+        with pytest.raises(MediaError) as err:
+            media.media_duration(str(media_dir[name].path), timeout_s=30)
+        assert err.value.reason == reason
 
 
 def test_flac_round_trip_is_lossless():

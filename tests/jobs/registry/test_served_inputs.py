@@ -27,7 +27,7 @@ from jobs.registry.served_inputs import (
 )
 from pipelines import media
 from pipelines.media import MediaError
-from pipelines.synthetic import ClipSpec, make_clip
+from pipelines.synthetic import ClipSpec, make_broken, make_clip
 
 
 class FifoWatch:
@@ -154,6 +154,9 @@ def test_an_hls_playlist_named_mp4_is_not_followed_by_the_probe_or_ffmpeg(layout
         with pytest.raises(MediaError) as info:
             media.probe(str(copy), timeout_s=20, input_options=FFMPEG_INPUT_OPTIONS)
         assert info.value.reason == "unreadable"
+        with pytest.raises(MediaError) as duration:
+            media.media_duration(str(copy), timeout_s=20, input_options=FFMPEG_INPUT_OPTIONS)
+        assert duration.value.reason == "unreadable"
         with pytest.raises(MediaError):
             media.extract_audio(
                 str(copy), num_samples=1600, timeout_s=20, input_options=FFMPEG_INPUT_OPTIONS
@@ -167,9 +170,16 @@ def test_an_hls_playlist_named_mp4_is_not_followed_by_the_probe_or_ffmpeg(layout
     assert watch.opened == {"secret.ts"}
 
 
-def test_served_options_still_read_real_containers(layout, clip):
+def test_served_options_still_read_real_containers(layout, clip, tmp_path, monkeypatch):
     info = media.probe(str(clip), timeout_s=20, input_options=FFMPEG_INPUT_OPTIONS)
     assert info.duration == pytest.approx(1.0, abs=0.1)
+    audio_only = make_broken("audio_only", tmp_path / "tone.m4a")  # 1 s of AAC, no video
+    with monkeypatch.context() as no_tools:
+        no_tools.setenv("PATH", str(tmp_path))  # the served model needs no ffprobe binary
+        seconds = media.media_duration(
+            str(audio_only), timeout_s=20, input_options=FFMPEG_INPUT_OPTIONS
+        )
+    assert seconds == pytest.approx(1.0, abs=0.05)
     times = media.frame_times(info.duration, 4)
     frames = media.decode_clip(
         str(clip), times, size=32, timeout_s=20, duration=info.duration, fps=info.fps,

@@ -38,6 +38,13 @@ def served(mlflow_server, s3_server, checkpoints, tmp_path_factory):
     outside.mkdir()
     make_clip(ClipSpec(width=64, height=48, fps=10, duration=2.0), root / "clip.mp4")
     make_clip(ClipSpec(width=64, height=48, fps=10, duration=4.0), root / "long.mp4")
+    for seconds in (1, 6):  # audio-only files
+        subprocess.run(
+            ["ffmpeg", "-nostdin", "-v", "error", "-f", "lavfi", "-i",
+             f"sine=frequency=440:duration={seconds}", "-c:a", "aac",
+             str(root / f"tone{seconds}.m4a")],
+            check=True,
+        )  # fmt: skip
     watch = FifoWatch(outside, ["secret.ts", "secret.mp4", "passwd"])
     (root / "link-out.mp4").symlink_to(outside / "secret.mp4")
     (root / "evil.mp4").write_text(
@@ -176,3 +183,13 @@ def test_oversize_bytes_too_many_rows_and_too_many_media_seconds_are_refused(ser
     assert "serving.max_media_seconds" in body["message"]
     status, body = post(["video"], [[long]])
     assert status == 200, body
+
+
+def test_audio_only_files_are_embedded_and_their_duration_counts(served):
+    post, root, _, _, _ = served
+    status, body = post(["audio"], [[str(root / "tone1.m4a")]])
+    assert status == 200, body
+    assert len(body["predictions"][0]["audio_embedding"]) > 0
+    status, body = post(["audio"], [[str(root / "tone6.m4a")]])  # 6 s > 5 s
+    assert status == 400
+    assert "serving.max_media_seconds" in body["message"]
