@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gram.config import ConfigError, to_dict
+from gram.decode import NoiseAugment
 from gram.loss import LossKind
 from gram.shards import steps_per_epoch
 from gram.steps import OptimConfig
@@ -80,7 +81,11 @@ class DataConfig:
     cache_decoded: keep every decoded sample in memory after the first epoch (frames and
     audio decoded; augmentation still runs every epoch), up to cache_mib MiB per worker
     and per data set, so later epochs neither read nor decode them: for data sets that
-    fit in memory, and eval sets."""
+    fit in memory, and eval sets.
+
+    augment: noise drawn afresh on every training sample and epoch (`gram.decode.NoiseAugment`:
+    augment.frame_occluder px, augment.frame_noise_std, augment.audio_snr_db dB), so a small
+    data set's noise cannot be learnt by heart; off by default, never applied to eval sets."""
 
     train: str = ""
     eval: str = ""
@@ -92,6 +97,7 @@ class DataConfig:
     audit_dir: str = ""
     cache_decoded: bool = False
     cache_mib: int = 1024
+    augment: NoiseAugment = field(default_factory=NoiseAugment)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

@@ -41,7 +41,14 @@ import torch
 import torch.distributed as dist
 
 from gram.config import from_dict
-from gram.decode import DecodeConfig, SampleError, collate, decode_sample, predecode
+from gram.decode import (
+    DecodeConfig,
+    SampleError,
+    augment_sample,
+    collate,
+    decode_sample,
+    predecode,
+)
 from gram.loss import CurriculumLoss, build_loss
 from gram.model import build_model
 from gram.model_config import model_config
@@ -285,9 +292,12 @@ class TrainLoop:
         prepare = functools.partial(predecode, cfg=decode_cfg)
         cache = DecodedCache(cfg.data.cache_mib, prepare) if cfg.data.cache_decoded else None
 
+        augment = cfg.data.augment if train and cfg.data.augment.active else None
+
         def decode(raw: RawSample, rng: random.Random) -> Any:
             try:
-                return decode_sample(raw, decode_cfg, train=train, rng=rng)
+                item = decode_sample(raw, decode_cfg, train=train, rng=rng)
+                return augment_sample(item, augment, rng) if augment else item
             except SampleError as exc:
                 log.warning("skipping a broken sample: %s", exc)
                 return None
@@ -319,6 +329,7 @@ class TrainLoop:
         global_batch = cfg.data.batch_size * self.world * accum
         self.progress_line = ProgressLine(plan.total_steps, epochs, global_batch, progress.step)
         self.stats: dict[str, float] = {}
+        self._loss_sum, self._loss_steps = 0.0, 0  # since the last progress log: `loss_mean`
         self.last_saved = progress.step
         self._wait_mark, self._time_mark = self.loader.wait_seconds, time.perf_counter()
         while progress.step < plan.total_steps:
@@ -343,6 +354,7 @@ class TrainLoop:
             scheduler=self.scheduler,
             grad_clip=self.optim_cfg.grad_clip,
         )
+        self._loss_sum, self._loss_steps = self._loss_sum + self.stats["loss"], self._loss_steps + 1
         keys = [k for mb in micro for k in mb["keys"]]
         progress.step, progress.epoch_step = progress.step + 1, progress.epoch_step + 1
         progress.samples_seen += len(keys) * self.world
@@ -371,11 +383,17 @@ class TrainLoop:
             self.tracker.log_artifact(sheet, "inspect")
 
     def _log_progress(self, step: int) -> None:
-        """Loss, temperature, learning rate, throughput and data wait: MLflow and a line."""
+        """Loss, temperature, learning rate, throughput and data wait: MLflow and a line.
+
+        `loss` and the other step statistics are the logging step's own; `loss_mean` is the
+        mean loss over every step since the previous log, so that a curve logged every N
+        steps still averages every step (what a plateau test over a window of steps needs)."""
         now = time.perf_counter()
         wait = (self.loader.wait_seconds - self._wait_mark) / max(now - self._time_mark, 1e-9)
         self._wait_mark, self._time_mark = self.loader.wait_seconds, now
-        shown = _global_mean(self.stats, self.device)
+        window = {"loss_mean": self._loss_sum / max(self._loss_steps, 1)}
+        self._loss_sum, self._loss_steps = 0.0, 0
+        shown = _global_mean({**self.stats, **window}, self.device)
         rate = self.progress_line.rate(step)
         if self.tracker is not None:
             extra = {"samples_per_s": rate, "data_wait": wait, "rss_mb": _rss_mb()}

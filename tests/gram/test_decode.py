@@ -12,7 +12,15 @@ import soundfile
 import torch
 from PIL import Image
 
-from gram.decode import Collator, DecodeConfig, SampleError, collate, decode_sample
+from gram.decode import (
+    Collator,
+    DecodeConfig,
+    NoiseAugment,
+    SampleError,
+    augment_sample,
+    collate,
+    decode_sample,
+)
 from gram.schema import ClipMeta, frame_suffix
 from gram.synthetic import COLORS, SOUNDS, SyntheticClips
 from gram.text import HashTokenizer
@@ -249,3 +257,62 @@ def test_predecoded_samples_decode_to_the_same_tensors():
     assert predecode(broken, CFG) == broken  # left as it is: decode_sample reports it
     with pytest.raises(SampleError, match="not a readable image"):
         decode_sample(predecode(broken, CFG), CFG, train=False)
+
+
+def _grey_clip(audio: np.ndarray | None) -> dict:
+    """A decoded clip: 2 frames of flat grey 50, and `audio` (None: no audio track)."""
+    return {
+        "key": "clip-1",
+        "video": torch.full((2, 3, 32, 32), 50, dtype=torch.uint8),
+        "audio": torch.zeros(16_000) if audio is None else torch.from_numpy(audio),
+        "audio_present": audio is not None,
+        "caption": "a",
+        "captions": ["a"],
+    }
+
+
+def test_noise_augment_off_leaves_the_sample_unchanged():
+    item = _grey_clip(np.full(16_000, 0.1, np.float32))
+    assert augment_sample(item, NoiseAugment(), random.Random(0)) is item
+    with pytest.raises(ValueError, match="frame_noise_std"):
+        NoiseAugment(frame_noise_std=-0.1)
+
+
+def test_noise_augment_draws_luminance_noise_an_occluder_and_audio_at_its_snr():
+    rng = np.random.default_rng(0)
+    wave = (0.05 * rng.standard_normal(16_000)).astype(np.float32)  # the mix stays below 1
+    aug = NoiseAugment(frame_occluder=8, frame_noise_std=0.03, audio_snr_db=-3.0)
+    out = augment_sample(_grey_clip(wave), aug, random.Random(1))
+    video = out["video"]
+    assert video.dtype == torch.uint8
+    assert video.shape == (2, 3, 32, 32)
+    assert torch.equal(video[:, 0], video[:, 1])
+    assert torch.equal(video[:, 0], video[:, 2])
+    pixels = video[:, 0].float() / 255.0  # [T, H, W]; the clip is grey 50 / 255 = 0.196
+    occluded = pixels > 0.35  # the square is 0.5 + noise: 5 noise stds from either level
+    assert torch.equal(occluded[0], occluded[1])  # one place for every frame of the clip
+    rows, cols = occluded[0].nonzero(as_tuple=True)
+    assert int(occluded[0].sum()) == 64
+    assert int(rows.max() - rows.min()) == 7
+    assert int(cols.max() - cols.min()) == 7
+    assert abs(float(pixels[occluded].mean()) - 0.5) < 0.01
+    assert 0.025 < float(pixels[~occluded].std()) < 0.035
+    noise = out["audio"].numpy().astype(np.float64) - wave
+    snr = 10 * np.log10(np.mean(wave.astype(np.float64) ** 2) / np.mean(noise**2))
+    assert abs(snr + 3.0) < 0.3
+    again = augment_sample(_grey_clip(wave), aug, random.Random(1))
+    other = augment_sample(_grey_clip(wave), aug, random.Random(2))
+    assert torch.equal(again["video"], video)
+    assert torch.equal(again["audio"], out["audio"])
+    assert not torch.equal(other["video"], video)
+
+
+def test_noise_augment_keeps_missing_and_silent_audio_and_stays_in_range():
+    aug = NoiseAugment(audio_snr_db=-20.0)
+    missing = augment_sample(_grey_clip(None), aug, random.Random(0))
+    assert not missing["audio_present"]
+    assert torch.equal(missing["audio"], torch.zeros(16_000))
+    silent = augment_sample(_grey_clip(np.zeros(16_000, np.float32)), aug, random.Random(0))
+    assert torch.equal(silent["audio"], torch.zeros(16_000))
+    loud = augment_sample(_grey_clip(np.full(16_000, 0.9, np.float32)), aug, random.Random(0))
+    assert float(loud["audio"].abs().max()) <= 1.0
