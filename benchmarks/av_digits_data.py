@@ -1,6 +1,6 @@
 """AV-digits samples: real handwritten digits + real spoken digits + digit names, corrupted.
 
-The sources (see ../shared/data/README.md):
+The sources, in the folder given by --data:
 
 - Free Spoken Digit Dataset (Jakobovski/free-spoken-digit-dataset, CC BY-SA 4.0):
   `fsdd/{digit}_{speaker}_{take}.wav`, 8 kHz mono, 6 speakers x 10 digits x 50 takes;

@@ -44,7 +44,7 @@ machine is quiet.
 Part `pipeline`, what orchestration costs: the job against the bound on the same
 clips (`execution.mode=ray` warm and cold, Ray's start-up included; 1 CPU
 against all; `execution.mode=local` against a 1-process bound; the real clips
-of `shared/data/media` when present) and the driver's peak RSS at 500 and
+of `$GRAM_SHARED_DATA/media` when present) and the driver's peak RSS at 500 and
 2,000 inputs.
 
 Each table prints as Markdown, ready for docs/preprocessing.md, under the load

@@ -13,7 +13,7 @@ pad_mode="constant", htk=True, norm=None)` followed by a natural log):
   20 Hz .. 8 kHz, peak 1, no area normalisation).
 - log(max(mel, 1e-10)), then normalised with fixed dataset statistics:
   (log_mel - mean) / (2 * std), as AST does. The defaults (-4.5, 3.8) were
-  measured on the real clips in shared/data/media (film, speech, music, fire);
+  measured on real clips of film, speech, music and fire;
   digital silence reads as -2.4.
 """
 

@@ -1,6 +1,6 @@
 """Preprocess video + audio + captions into WebDataset shards on Ray.
 
-    python -m jobs.preprocess --input ../shared/data/media/captions.jsonl --output /tmp/shards
+    python -m jobs.preprocess --input manifest.jsonl --output shards/train
     python -m jobs.preprocess --input s3://bucket/videos/ --output s3://bucket/shards/ \\
         --config jobs/configs/preprocess.yaml s3.endpoint_url=http://127.0.0.1:9000
 

@@ -1,5 +1,5 @@
 """`gram inspect` on real preprocessing outputs (generated clips and the real media of
-shared/data), local and on the S3 test server: the summary, the contact sheet, and the
+$GRAM_SHARED_DATA), local and on the S3 test server: the summary, the contact sheet, and the
 retrieval picture's content."""
 
 from __future__ import annotations
