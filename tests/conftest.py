@@ -6,7 +6,8 @@
 - `s3_server`: moto's standalone S3 server on 127.0.0.1 with the standard AWS
   environment exported (fake credentials only).
 - `mlflow_server`: a real `mlflow server` (sqlite backend, proxied artifacts).
-- `shared_data`: ../shared/data when present; tests that need it skip otherwise.
+- `shared_data`: the folder $GRAM_SHARED_DATA names (default: shared/data beside the
+  project) when present; tests that need it skip otherwise.
 - `small_clips`: eight tiny generated clips and their `captions.jsonl`, the raw input of
   the tests that run whole jobs from the command line.
 """
