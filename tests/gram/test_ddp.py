@@ -27,30 +27,39 @@ def _sgd(model, loss):
     return torch.optim.SGD([*model.parameters(), *loss.parameters()], lr=0.5)
 
 
+def _rank_step(rank: int, out_file: str) -> None:
+    """One DDP step and an evaluation on this rank's half of the batch; rank 0 saves."""
+    torch.manual_seed(0)
+    model = gram_tiny()
+    loss = GramLoss()
+    ddp = DistributedDataParallel(model)
+    stats = train_step(ddp, loss, _sgd(model, loss), _batch(model, 4 * rank, 4 * rank + 4))
+    loader = [_batch(model, 4 * rank, 4 * rank + 4)]
+    metrics = evaluate(ddp, loader)
+    mean_loss = torch.tensor(stats["loss"])
+    dist.all_reduce(mean_loss)  # each rank's loss is its rows' share: average for logging
+    stats["mean_loss"] = float(mean_loss) / 2
+    if rank == 0:
+        torch.save(
+            {
+                "params": {k: v.detach() for k, v in model.state_dict().items()},
+                "temperature": loss.log_temperature.detach(),
+                "stats": stats,
+                "metrics": metrics,
+            },
+            out_file,
+        )
+
+
 def _worker(rank: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        model = gram_tiny()
-        loss = GramLoss()
-        ddp = DistributedDataParallel(model)
-        stats = train_step(ddp, loss, _sgd(model, loss), _batch(model, 4 * rank, 4 * rank + 4))
-        loader = [_batch(model, 4 * rank, 4 * rank + 4)]
-        metrics = evaluate(ddp, loader)
-        mean_loss = torch.tensor(stats["loss"])
-        dist.all_reduce(mean_loss)  # each rank's loss is its rows' share: average for logging
-        stats["mean_loss"] = float(mean_loss) / 2
-        if rank == 0:
-            torch.save(
-                {
-                    "params": {k: v.detach() for k, v in model.state_dict().items()},
-                    "temperature": loss.log_temperature.detach(),
-                    "stats": stats,
-                    "metrics": metrics,
-                },
-                out_file,
-            )
+        # The DDP wrapper (and its reducer) is gone when _rank_step returns: a process group
+        # still referenced at exit is torn down during interpreter finalisation, where gloo's
+        # threads can abort the process.
+        _rank_step(rank, out_file)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

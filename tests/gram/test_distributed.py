@@ -124,36 +124,45 @@ def _restore(obj):
     return obj
 
 
+def _rank_results(rank: int) -> dict:
+    """Every case's summed loss and gradients, and the gather helpers' outputs, on this rank."""
+    results = {}
+    for case in CASES:
+        model, loss, x, mask = _setup(case)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        start = 0 if rank == 0 else case.split[0]
+        rows = slice(start, start + case.split[rank])
+        value = loss(**ddp(x[rows]), mask=mask[rows])["loss"]
+        value.backward()
+        average_gradients(loss.parameters())
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        grads = {n.removeprefix("module."): g for n, g in _grads(ddp.module, loss).items()}
+        results[case.name] = (float(total) / 2, grads)
+    # The gather helpers themselves: sizes, order, offsets.
+    local = torch.full((rank + 2, 3), float(rank), requires_grad=True)
+    gathered, offset = all_gather_with_grad(local)
+    (gathered * torch.arange(gathered.shape[0])[:, None]).sum().backward()
+    plain, plain_offset = all_gather_no_grad(local.detach())
+    results["helpers"] = (
+        all_gather_sizes(rank + 2, torch.device("cpu")),
+        gathered.detach(),
+        offset,
+        local.grad,
+        plain,
+        plain_offset,
+    )
+    return results
+
+
 def _worker(rank: int, port: int, queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        results = {}
-        for case in CASES:
-            model, loss, x, mask = _setup(case)
-            ddp = nn.parallel.DistributedDataParallel(model)
-            start = 0 if rank == 0 else case.split[0]
-            rows = slice(start, start + case.split[rank])
-            value = loss(**ddp(x[rows]), mask=mask[rows])["loss"]
-            value.backward()
-            average_gradients(loss.parameters())
-            total = value.detach().clone()
-            dist.all_reduce(total)
-            grads = {n.removeprefix("module."): g for n, g in _grads(ddp.module, loss).items()}
-            results[case.name] = (float(total) / 2, grads)
-        # The gather helpers themselves: sizes, order, offsets.
-        local = torch.full((rank + 2, 3), float(rank), requires_grad=True)
-        gathered, offset = all_gather_with_grad(local)
-        (gathered * torch.arange(gathered.shape[0])[:, None]).sum().backward()
-        plain, plain_offset = all_gather_no_grad(local.detach())
-        results["helpers"] = (
-            all_gather_sizes(rank + 2, torch.device("cpu")),
-            gathered.detach(),
-            offset,
-            local.grad,
-            plain,
-            plain_offset,
-        )
-        queue.put((rank, _portable(results)))
+        # The DDP wrappers are gone when _rank_results returns: a process group still
+        # referenced at exit is torn down during interpreter finalisation, where gloo's
+        # threads can abort the process.
+        queue.put((rank, _portable(_rank_results(rank))))
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
