@@ -55,9 +55,8 @@ def _worker(rank: int, init_file: str, out_file: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        # The DDP wrapper (and its reducer) is gone when _rank_step returns: a process group
-        # still referenced at exit is torn down during interpreter finalisation, where gloo's
-        # threads can abort the process.
+        # No DDP wrapper outlives the work, so nothing holds the process group when it is
+        # torn down (a rank once aborted at exit while its wrapper still held it).
         _rank_step(rank, out_file)
         dist.barrier()
     finally:

@@ -158,9 +158,8 @@ def _rank_results(rank: int) -> dict:
 def _worker(rank: int, port: int, queue) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        # The DDP wrappers are gone when _rank_results returns: a process group still
-        # referenced at exit is torn down during interpreter finalisation, where gloo's
-        # threads can abort the process.
+        # No DDP wrapper outlives the work, so nothing holds the process group when it is
+        # torn down (a rank once aborted at exit while its wrapper still held it).
         queue.put((rank, _portable(_rank_results(rank))))
         dist.barrier()
     finally:
