@@ -77,11 +77,16 @@ def test_temperature_learns_and_is_clamped():
 
 
 def test_gram_loss_prefers_aligned_data():
-    t = torch.randn(8, 16)
-    aligned = GramLoss()(
-        text=t, video=t + 0.01 * torch.randn(8, 16), audio=t + 0.01 * torch.randn(8, 16)
+    # Video and audio each near the text, but not near each other: were they equal, every
+    # negative (t_i, v_j, a_j) would be as flat as the positives, and the volume could not
+    # tell aligned from shuffled data.
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(8, 16, generator=g)
+    noise = 0.3 * torch.randn(2, 8, 16, generator=g)
+    aligned = GramLoss()(text=t, video=t + noise[0], audio=t + noise[1])
+    shuffled = GramLoss()(
+        text=t, video=torch.randn(8, 16, generator=g), audio=torch.randn(8, 16, generator=g)
     )
-    shuffled = GramLoss()(text=t, video=torch.randn(8, 16), audio=torch.randn(8, 16))
     assert aligned["loss"] < shuffled["loss"]
     assert aligned["positive_volume"] < aligned["negative_volume"]
 
