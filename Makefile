@@ -5,13 +5,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
+PYTEST_WORKERS ?= 2
 
 .PHONY: help setup ffmpeg test test-slow lint typecheck demo bench clean
 
 help:
 	@echo "make demo       set up, then run the whole pipeline end to end on local Ray + sqlite MLflow"
 	@echo "make test       set up, then lint, type-check and run the test suite (every behaviour, small sizes;"
-	@echo "                about 14 minutes on 2 cores)"
+	@echo "                two test processes; 12-20 minutes on 2 cores, by the machine's speed)"
 	@echo "make test-slow  the long load and soak runs of tests/load (about 2 minutes on 2 cores):"
 	@echo "                2,000 clips preprocessed, driver memory growing < 150 MiB after 30% of the run;"
 	@echo "                2,000 training steps, rank-0 memory growing < 40 MiB, throughput > 60% of its start"
@@ -43,11 +44,17 @@ lint: setup
 typecheck: setup
 	$(PY) -m mypy
 
+# pytest runs in PYTEST_WORKERS processes (the tests on the session's Ray cluster all in
+# one, see tests/conftest.py) while mypy checks the types beside them; its report follows
+# the tests', and the target fails if either fails.
 test: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m mypy
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@$(PY) -m mypy > $(VENV)/mypy.log 2>&1 & types=$$!; \
+	echo "$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)  (mypy beside it)"; \
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS); tests=$$?; \
+	wait $$types; typed=$$?; echo "mypy:"; cat $(VENV)/mypy.log; \
+	test $$tests -eq 0 && test $$typed -eq 0
 
 # The long load and soak runs: deselected from `make test` by the `load` marker (pyproject.toml).
 test-slow: setup

@@ -107,3 +107,12 @@ def small_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("small-clips")
     make_demo_dataset(folder, count=8, width=64, height=48, fps=8.0, duration=1.0)
     return folder
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test on the session's Ray cluster goes to one test process (`make test` runs
+    `pytest -n 2 --dist loadgroup`): one cluster of 2 CPUs, never two Ray Train runs at once;
+    the other tests run in the second process meanwhile."""
+    for item in items:
+        if {"ray_cluster", "ray_session"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("ray-cluster"))
