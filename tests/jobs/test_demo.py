@@ -1,4 +1,5 @@
-"""`python -m jobs.demo` end to end on the session Ray cluster, then re-run from its markers."""
+"""`python -m jobs.demo` end to end on a local Ray it starts itself, as `make demo` runs it,
+then re-run from its markers."""
 
 from __future__ import annotations
 
@@ -8,17 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 STEPS = ("clips", "shards", "train", "evaluate", "registry")
+CLUSTER_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+QUICK_RAY_TRAIN = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
+"""As on the session's cluster (tests/support/services.py: RayCluster.env)."""
 
 
 def _demo(output: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    # Not the session's cluster, even where this process knows it: no address or token.
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_ENV}
     return subprocess.run(
         [sys.executable, "-m", "jobs.demo", f"output={output}", *overrides],
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**env, "PYTHONPATH": str(REPO), **QUICK_RAY_TRAIN},
         capture_output=True,
         text=True,
         timeout=900,
@@ -26,7 +30,6 @@ def _demo(output: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.usefixtures("ray_cluster")
 def test_demo_runs_every_step_shows_volume_beating_cosine_and_reuses_finished_steps(
     tmp_path: Path,
 ):
