@@ -9,11 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.support.services import RAY_TEST_SETTINGS
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = ("clips", "shards", "train", "evaluate", "registry")
 CLUSTER_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
-QUICK_RAY_TRAIN = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_USAGE_STATS_ENABLED": "0"}
-"""As on the session's cluster (tests/support/services.py: RayCluster.env)."""
 
 
 def _demo(output: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
@@ -22,7 +22,7 @@ def _demo(output: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "jobs.demo", f"output={output}", *overrides],
         cwd=REPO,
-        env={**env, "PYTHONPATH": str(REPO), **QUICK_RAY_TRAIN},
+        env={**env, "PYTHONPATH": str(REPO), **RAY_TEST_SETTINGS},
         capture_output=True,
         text=True,
         timeout=900,

@@ -87,6 +87,15 @@ def _own_pids(folder: str, port_suffix: str) -> list[int]:
     return [pid for pid in found if pid != os.getpid()]
 
 
+RAY_TEST_SETTINGS = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+"""Settings for every Ray the tests start, the session's cluster or a job's local Ray.
+
+RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: Ray Train's controller polls its workers every 2 s by
+default, and a `ray.train.report` waits until the previous report was collected, so short
+test runs that checkpoint every few steps spend much of their time waiting for polls; a
+driver hands the setting on to its controller and workers."""
+
+
 @dataclass
 class RayCluster:
     """A Ray cluster of `nodes` raylets on this machine, started with `ray start`.
@@ -120,19 +129,13 @@ class RayCluster:
 
     @property
     def env(self) -> dict[str, str]:
-        """Environment entries a client needs to reach this cluster.
-
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S: Ray Train's controller polls its workers every
-        2 s by default, and a `ray.train.report` waits until the previous report was
-        collected, so short test runs that checkpoint every few steps spend much of their
-        time waiting for polls; a driver hands the setting on to its controller and workers.
-        """
+        """Environment entries a client needs to reach this cluster: its address and token,
+        and RAY_TEST_SETTINGS."""
         return {
             "RAY_ADDRESS": self.address,
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(self.token_path),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+            **RAY_TEST_SETTINGS,
         }
 
     def _ray(self, *args: str) -> None:
