@@ -4,7 +4,9 @@ given to `gram submit`, two Ray Train workers on the session's two nodes, `--wai
 The driver that `ray job submit` starts already runs in the job's runtime env, which carries
 MLFLOW_TRACKING_URI and AWS_ENDPOINT_URL; joining Ray must not set them again (Ray refuses a
 `ray.init` that repeats a key of the job's runtime env). One worker is SIGKILLed mid-run: it
-is replaced, training resumes from the last checkpoint and ends at the planned step.
+is replaced, training resumes from the last checkpoint (not from the start) and ends at the
+planned step, with every sample trained exactly once per epoch (the suite's test of Ray
+Train's fault tolerance; a killed driver is in tests/jobs/training/test_train.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,24 +23,13 @@ from mlflow import MlflowClient
 
 from gram.synthetic import SyntheticClips
 from pipelines.samples_to_shards import write_sample_shards
+from tests.support.audit import effective_keys, max_step, starts, wait_for
 from tests.support.services import MlflowServer, RayCluster, S3Server
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[3]
 VENV_BIN = Path(sys.executable).parent
-
-
-def _starts(audit: Path) -> list[dict[str, object]]:
-    path = audit / "starts.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [json.loads(x) for x in lines if x.endswith("}")]
-
-
-def _max_step(audit: Path, rank: int) -> int:
-    path = audit / f"rank{rank}.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return max((json.loads(x)["step"] for x in lines if x.endswith("}")), default=0)
 
 
 def _checkpoint_on_record(s3: object, bucket: str, run: str) -> bool:
@@ -51,16 +41,6 @@ def _checkpoint_on_record(s3: object, bucket: str, run: str) -> bool:
         return bool(json.loads(body)["checkpoint_results"])
     except Exception:
         return False
-
-
-def _wait(predicate: object, proc: subprocess.Popen[str], what: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if proc.poll() is not None:
-            output = proc.stdout.read() if proc.stdout else ""
-            raise AssertionError(f"the submission ended before {what}:\n{output[-5000:]}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def test_submitted_training_forwards_mlflow_and_s3_and_survives_a_killed_worker(
@@ -107,9 +87,10 @@ def test_submitted_training_forwards_mlflow_and_s3_and_survives_a_killed_worker(
     )
     s3 = s3_server.client()
     try:
-        _wait(lambda: _max_step(audit, 1) >= 6, proc, "step 6 on rank 1")
-        _wait(lambda: _checkpoint_on_record(s3, bucket, "submitted"), proc, "a checkpoint")
-        victim = next(s["pid"] for s in _starts(audit) if s["rank"] == 1)
+        wait_for(lambda: max_step(audit, 1) >= 6, proc, "step 6 on rank 1")
+        # Kill only once Ray Train has the checkpoint on record: there is one to resume from.
+        wait_for(lambda: _checkpoint_on_record(s3, bucket, "submitted"), proc, "a checkpoint")
+        victim = next(s["pid"] for s in starts(audit) if s["rank"] == 1)
         os.kill(int(str(victim)), signal.SIGKILL)
         out, _ = proc.communicate(timeout=600)
     finally:
@@ -119,12 +100,17 @@ def test_submitted_training_forwards_mlflow_and_s3_and_survives_a_killed_worker(
     assert "Failed to merge the Job's runtime env" not in out
     assert "SUCCEEDED" in out
 
-    starts = _starts(audit)
-    assert len({s["node_id"] for s in starts[:2]}) == 2, "the two workers run on two nodes"
-    restarted = starts[2:]
+    started = starts(audit)
+    assert len({s["node_id"] for s in started[:2]}) == 2, "the two workers run on two nodes"
+    restarted = started[2:]
     assert len(restarted) >= 2, "both ranks start again after the failure"
-    assert min(int(str(s["step"])) for s in restarted) >= 4, "resumed from a checkpoint"
+    assert {s["step"] for s in restarted} <= {4, 8, 12, 16, 20}, "resumed from a checkpoint"
+    assert min(s["step"] for s in restarted) >= 4, "... not from the start"
     assert "done: step 24" in out
+    epochs = effective_keys(audit)
+    assert sorted(epochs) == [0, 1, 2, 3]
+    for keys in epochs.values():  # every sample once per epoch, redone steps counted once
+        assert len(keys) == len(set(keys)) == 24
 
     final = next(x for x in out.splitlines() if x.strip().startswith("checkpoint:")).split()[-1]
     assert final.startswith(f"s3://{bucket}/runs/submitted/checkpoint_")

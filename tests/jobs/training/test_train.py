@@ -1,5 +1,6 @@
 """The training job on the real 2-node Ray cluster: data accounting, checkpoints, MLflow,
-S3, gradient equivalence, a killed worker, explicit resume and a restarted job.
+S3, an MLflow outage, gradient equivalence, explicit resume and a restarted job (a killed
+worker is replaced in tests/jobs/cluster/test_submit_train.py).
 
 Every run is the real entry point (`python -m jobs.train`) in a subprocess that joins the
 session cluster (RAY_ADDRESS and the auth token come from the `ray_cluster` fixture), or,
@@ -16,8 +17,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -27,6 +26,7 @@ from safetensors.torch import load_file
 
 from gram.synthetic import SyntheticClips
 from pipelines.samples_to_shards import write_sample_shards
+from tests.support.audit import effective_keys, max_step, wait_for
 from tests.support.proxy import FlakyProxy
 
 REPO = Path(__file__).resolve().parents[3]
@@ -80,20 +80,6 @@ def _run_id(output: str) -> str:
     return line.split()[2]
 
 
-def _effective_keys(audit: Path) -> dict[int, list[str]]:
-    """Keys trained per epoch, with steps redone after a restart counted once (last wins)."""
-    per_step: dict[tuple[int, int], list[str]] = {}
-    for path in sorted(audit.glob("rank*.jsonl")):
-        rank = int(path.stem.removeprefix("rank"))
-        for line in path.read_text().splitlines():
-            entry = json.loads(line)
-            per_step[(rank, entry["step"])] = (entry["epoch"], entry["keys"])
-    epochs: dict[int, list[str]] = defaultdict(list)
-    for epoch, keys in per_step.values():
-        epochs[epoch] += keys
-    return dict(epochs)
-
-
 def _weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_file(str(checkpoint / "model.safetensors"))
 
@@ -114,7 +100,7 @@ def test_two_workers_on_two_nodes_train_checkpoint_and_log(tmp_path, ray_cluster
     assert sorted(s["rank"] for s in starts) == [0, 1]
     assert len({s["node_id"] for s in starts}) == 2, "the two workers must run on two nodes"
 
-    epochs = _effective_keys(tmp_path / "audit")
+    epochs = effective_keys(tmp_path / "audit")
     assert sorted(epochs) == [0, 1]
     for keys in epochs.values():  # 48 samples, 2 ranks: nothing to drop
         assert len(keys) == len(set(keys)) == 48
@@ -141,73 +127,6 @@ def test_two_workers_on_two_nodes_train_checkpoint_and_log(tmp_path, ray_cluster
     assert run.data.metrics["eval_num_items"] == 24  # 24 eval clips over 2 ranks: none dropped
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "inspect")]
     assert logged == ["inspect/first_batch.png"]  # drawn by rank 0, a Ray Train worker
-
-
-def test_s3_shards_and_checkpoints_with_an_mlflow_server_and_no_secret_anywhere(
-    tmp_path, ray_cluster, s3_server, mlflow_server
-):
-    """Shards and checkpoints on S3, metrics on a real MLflow server, and sentinel credentials
-    (moto takes any) in the environment and in the config: none of them may show up in the
-    output, the checkpoints, the MLflow store or Ray's own logs."""
-    # Made up per run, so no copy of this source (e.g. an uploaded working dir) holds them.
-    key_id = "AKIA" + secrets.token_hex(8).upper()
-    secret = f"SENTINEL/{secrets.token_urlsafe(12)}+key/{secrets.token_hex(6)}"
-    bucket = s3_server.make_bucket("train-s3")
-    write_sample_shards(
-        SyntheticClips(32, seed=5), f"s3://{bucket}/shards/train", samples_per_shard=8
-    )
-    res = subprocess.run(
-        _cmd(
-            tmp_path,
-            "name=s3run",
-            f"data.train=s3://{bucket}/shards/train",
-            "data.eval=",
-            "data.batch_size=8",
-            "epochs=1",
-            "checkpoint.every_steps=1",
-            f"checkpoint.storage=s3://{bucket}/runs",
-            f"tracking.tracking_uri={mlflow_server.url}",
-            "tracking.experiment=s3",
-            f"s3.secret_access_key={secret}",
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret},
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    uri = (
-        next(x for x in res.stdout.splitlines() if "checkpoint:" in x)
-        .split("checkpoint:")[1]
-        .strip()
-    )
-    assert uri.startswith(f"s3://{bucket}/runs/s3run/checkpoint_")
-    s3 = s3_server.client()
-    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]}
-    prefix = uri.removeprefix(f"s3://{bucket}/")
-    assert {f"{prefix}/model.safetensors", f"{prefix}/trainer.pt", f"{prefix}/state.json"} <= keys
-    run = MlflowClient(tracking_uri=mlflow_server.url).get_run(_run_id(res.stdout))
-    assert run.data.tags["final_checkpoint"] == uri
-    assert run.data.metrics["loss"] > 0
-    assert run.data.params["s3.secret_access_key"] == "***"
-
-    sentinels = (key_id.encode(), secret.encode())
-    leaks = [
-        where
-        for where in ("stdout", "stderr")
-        for s in sentinels
-        if s in getattr(res, where).encode()
-    ]
-    for key in keys:
-        data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        leaks += [f"s3://{bucket}/{key}" for s in sentinels if s in data]
-    for root in (tmp_path, ray_cluster.temp_dir, mlflow_server.root):
-        for path in root.rglob("*"):
-            if path.is_file() and path.stat().st_size < 50_000_000:
-                data = path.read_bytes()
-                leaks += [str(path) for s in sentinels if s in data]
-    assert not leaks, f"secrets found in: {sorted(set(leaks))}"
 
 
 def test_two_workers_with_half_batches_equal_one_worker_with_the_whole_batch(tmp_path, ray_cluster):
@@ -249,79 +168,6 @@ def _weights_at_init() -> dict[str, torch.Tensor]:
     state = {k: v.detach() for k, v in build_model(model_config("tiny")).state_dict().items()}
     state["loss.log_temperature"] = torch.tensor(math.log(0.07))  # GramLoss's initial tau
     return state
-
-
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended before {what}: {proc.stdout.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def _registered(run_dir: Path) -> bool:
-    snapshot = run_dir / "checkpoint_manager_snapshot.json"
-    try:
-        return bool(json.loads(snapshot.read_text())["checkpoint_results"])
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def _max_step(audit_file: Path) -> int:
-    if not audit_file.exists():
-        return 0
-    lines = audit_file.read_text().splitlines()
-    return max((json.loads(x)["step"] for x in lines if x.endswith("}")), default=0)
-
-
-def test_a_killed_worker_is_replaced_and_training_resumes_from_the_checkpoint(
-    tmp_path, ray_cluster, shards
-):
-    audit = tmp_path / "audit"
-    proc = subprocess.Popen(
-        _cmd(
-            tmp_path,
-            "name=fault",
-            f"data.train={shards['train']}",
-            "data.eval=",
-            f"data.audit_dir={audit}",
-            "data.batch_size=2",
-            "epochs=3",
-            "checkpoint.every_steps=4",
-            "max_failures=2",
-        ),
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        _wait_for(lambda: _max_step(audit / "rank1.jsonl") >= 6, 300, "step 6 on rank 1", proc)
-        # Ray Train registers a reported checkpoint a moment later (in its controller):
-        # kill only once it is on record, so there is a checkpoint to resume from.
-        _wait_for(lambda: _registered(tmp_path / "runs" / "fault"), 300, "a checkpoint", proc)
-        victim = next(
-            json.loads(x)["pid"]
-            for x in (audit / "starts.jsonl").read_text().splitlines()
-            if json.loads(x)["rank"] == 1
-        )
-        os.kill(victim, signal.SIGKILL)
-        out, _ = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-4000:]
-    starts = [json.loads(x) for x in (audit / "starts.jsonl").read_text().splitlines()]
-    restarted = starts[2:]
-    assert len(restarted) >= 2, "both ranks start again after the failure"
-    assert {s["step"] for s in restarted} <= {4, 8, 12}  # resumed from a checkpoint ...
-    assert min(s["step"] for s in restarted) >= 4  # ... not from the start
-    state = json.loads((_final_checkpoint(out) / "state.json").read_text())
-    assert state["progress"]["step"] == 36  # 24 per rank / 2 = 12 steps x 3 epochs
-    for keys in _effective_keys(audit).values():
-        assert len(keys) == len(set(keys)) == 48
 
 
 def test_explicit_resume_continues_the_step_count_and_the_schedule(tmp_path, shards):
@@ -383,7 +229,7 @@ def test_a_killed_job_started_again_with_the_same_name_resumes(tmp_path, ray_clu
         start_new_session=True,
     )
     try:
-        _wait_for(lambda: _max_step(audit / "rank0.jsonl") >= 9, 300, "step 9 on rank 0", proc)
+        wait_for(lambda: max_step(audit, 0) >= 9, proc, "step 9 on rank 0")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
@@ -397,7 +243,7 @@ def test_a_killed_job_started_again_with_the_same_name_resumes(tmp_path, ray_clu
     )  # a step-4 or later checkpoint
     state = json.loads((_final_checkpoint(again.stdout) / "state.json").read_text())
     assert state["progress"]["step"] == 24
-    for keys in _effective_keys(audit).values():
+    for keys in effective_keys(audit).values():
         assert len(keys) == len(set(keys)) == 48
 
 
@@ -438,36 +284,50 @@ def test_local_mode_trains_without_a_cluster_keeps_checkpoints_and_resumes(tmp_p
     assert sheet.file_size > 10_000
 
 
-def test_training_goes_on_while_the_mlflow_server_is_down(
-    tmp_path, ray_cluster, mlflow_server, shards
+def test_s3_shards_and_checkpoints_an_mlflow_outage_and_no_secret_anywhere(
+    tmp_path, ray_cluster, s3_server, mlflow_server
 ):
-    """The session's server behind a proxy that is taken down from step 3 to step 12 (to
-    the job, a server that stopped and came back; see tests/support/proxy.py)."""
+    """Shards and checkpoints on S3; metrics on the session's MLflow server behind a proxy
+    that is taken down from step 3 to step 12 (to the job, a server that stopped and came
+    back; see tests/support/proxy.py): training goes on and no metric is lost. Sentinel
+    credentials (moto takes any) are in the environment and in the config: none of them may
+    show up in the output, the checkpoints, the MLflow store or Ray's own logs."""
+    # Made up per run, so no copy of this source (e.g. an uploaded working dir) holds them.
+    key_id = "AKIA" + secrets.token_hex(8).upper()
+    secret = f"SENTINEL/{secrets.token_urlsafe(12)}+key/{secrets.token_hex(6)}"
+    bucket = s3_server.make_bucket("train-s3")
+    write_sample_shards(
+        SyntheticClips(48, seed=5), f"s3://{bucket}/shards/train", samples_per_shard=8
+    )
     server = FlakyProxy(mlflow_server.port)
     server.up()
     audit = tmp_path / "audit"
     proc = subprocess.Popen(
         _cmd(
             tmp_path,
-            "name=mlflow-down",
-            f"data.train={shards['train']}",
+            "name=s3run",
+            f"data.train=s3://{bucket}/shards/train",
             "data.eval=",
             f"data.audit_dir={audit}",
             "data.batch_size=2",
-            "epochs=2",
+            "epochs=2",  # 24 samples per rank: 12 steps an epoch, 24 in all
+            "checkpoint.every_steps=4",
+            f"checkpoint.storage=s3://{bucket}/runs",
             f"tracking.tracking_uri={server.url}",
-            "tracking.experiment=mlflow-down",
+            "tracking.experiment=s3",
             "tracking.retry_seconds=1",
+            f"s3.secret_access_key={secret}",
         ),
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        env={**os.environ, "AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret},
     )
     try:
-        _wait_for(lambda: _max_step(audit / "rank0.jsonl") >= 3, 300, "step 3", proc)
+        wait_for(lambda: max_step(audit, 0) >= 3, proc, "step 3")
         server.down()
-        _wait_for(lambda: _max_step(audit / "rank0.jsonl") >= 12, 300, "step 12 while down", proc)
+        wait_for(lambda: max_step(audit, 0) >= 12, proc, "step 12 while MLflow is down")
         server.up()
         out, _ = proc.communicate(timeout=600)
     finally:
@@ -477,6 +337,28 @@ def test_training_goes_on_while_the_mlflow_server_is_down(
     assert proc.returncode == 0, out[-4000:]
     assert "metrics are not being logged" in out
     assert "reachable again" in out
-    history = MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(_run_id(out), "loss")
-    steps = sorted(m.step for m in history)
-    assert steps == list(range(1, 25)), out[-6000:]  # nothing lost
+    uri = next(x for x in out.splitlines() if "checkpoint:" in x).split("checkpoint:")[1].strip()
+    assert uri.startswith(f"s3://{bucket}/runs/s3run/checkpoint_")
+    s3 = s3_server.client()
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="runs/")["Contents"]}
+    prefix = uri.removeprefix(f"s3://{bucket}/")
+    assert {f"{prefix}/model.safetensors", f"{prefix}/trainer.pt", f"{prefix}/state.json"} <= keys
+    client = MlflowClient(tracking_uri=mlflow_server.url)
+    run = client.get_run(_run_id(out))
+    assert run.data.tags["final_checkpoint"] == uri
+    assert run.data.metrics["loss"] > 0
+    assert run.data.params["s3.secret_access_key"] == "***"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == list(range(1, 25)), out[-6000:]  # nothing lost while the server was down
+
+    sentinels = (key_id.encode(), secret.encode())
+    leaks = ["output" for s in sentinels if s in out.encode()]
+    for key in keys:
+        data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        leaks += [f"s3://{bucket}/{key}" for s in sentinels if s in data]
+    for root in (tmp_path, ray_cluster.temp_dir, mlflow_server.root):
+        for path in root.rglob("*"):
+            if path.is_file() and path.stat().st_size < 50_000_000:
+                data = path.read_bytes()
+                leaks += [str(path) for s in sentinels if s in data]
+    assert not leaks, f"secrets found in: {sorted(set(leaks))}"
