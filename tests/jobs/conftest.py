@@ -21,6 +21,7 @@ from gram.synthetic import SyntheticClips
 from jobs.train import TrainConfig
 from jobs.training.checkpoints import Progress, save_checkpoint_dir
 from pipelines.samples_to_shards import write_sample_shards
+from tests.support.once import built_once
 
 EVAL_CLIPS = 36
 SYNTHETIC_CLASSES = [
@@ -68,16 +69,23 @@ def _train(folder: Path, steps: int) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Checkpoints:
-    root = tmp_path_factory.mktemp("checkpoints")
-    return Checkpoints(good=_train(root / "good", 120), untrained=_train(root / "untrained", 0))
+    def build(root: Path) -> None:
+        _train(root / "good", 120)
+        _train(root / "untrained", 0)
+
+    root = built_once(tmp_path_factory, "checkpoints", build)
+    return Checkpoints(good=root / "good", untrained=root / "untrained")
 
 
 @pytest.fixture(scope="session")
 def eval_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """36 unseen synthetic clips (every colour x sound once, 3 without audio), 3 shards."""
-    out = tmp_path_factory.mktemp("eval-shards") / "eval"
-    write_sample_shards(SyntheticClips(EVAL_CLIPS, seed=2), str(out), samples_per_shard=12)
-    return str(out)
+
+    def build(root: Path) -> None:
+        out = str(root / "eval")
+        write_sample_shards(SyntheticClips(EVAL_CLIPS, seed=2), out, samples_per_shard=12)
+
+    return str(built_once(tmp_path_factory, "eval-shards", build) / "eval")
 
 
 def training_run(client, experiment: str, checkpoint: str) -> str:
