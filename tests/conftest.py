@@ -109,18 +109,10 @@ def small_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-OWN_CLUSTER = ("tests/test_docs_commands.py::test_documented_commands_run_as_printed",)
-"""Long cluster tests that run in a test process of their own, started first."""
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` runs `pytest -n 2 --dist loadgroup`. Every test on the session's Ray cluster
-    goes to one test process (one cluster of 2 CPUs, one Ray Train run at a time), except the
-    OWN_CLUSTER tests: each in a group of its own, collected first, so that the other process
-    starts it at once, on a cluster of its own, beside the long group. Both processes then
-    take the remaining tests as they come free."""
+    """Every test on the session's Ray cluster goes to one test process (`make test` runs
+    `pytest -n 2 --dist loadgroup`): one cluster of 2 CPUs, never two Ray Train runs at once;
+    the other tests run in the second process meanwhile."""
     for item in items:
         if {"ray_cluster", "ray_session"} & set(getattr(item, "fixturenames", ())):
-            group = item.nodeid if item.nodeid in OWN_CLUSTER else "ray-cluster"
-            item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.nodeid not in OWN_CLUSTER)
+            item.add_marker(pytest.mark.xdist_group("ray-cluster"))
