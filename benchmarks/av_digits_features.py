@@ -1,6 +1,6 @@
 """AV-digits on fixed features: the GRAM-against-cosine comparison with converged models.
 
-    PYTHONPATH=. python benchmarks/av_digits_features.py            # full run, ~10 minutes
+    PYTHONPATH=. python benchmarks/av_digits_features.py            # full run, ~15 minutes
     PYTHONPATH=. python benchmarks/av_digits_features.py --quick    # smoke run (CI)
 
 `benchmarks/av_digits.py` trains the `tiny` towers end to end through the training job;
@@ -16,11 +16,14 @@ features, computed once per sample:
 
 - image: the corrupted 32 x 32 grey pixels (0-1) [1024];
 - audio: the log-mel spectrogram of the noisy speech at 16 kHz, the `tiny` model's
-  front end (`gram.audio.LogMel`, 64 mels, 10 ms hop, 1 s) [101 * 64];
+  front end (`gram.audio.LogMel`, 64 mels, 10 ms hop, 1 s), averaged over 40 ms
+  [64 * 25];
 - text: the caption's bag of words over the templates' vocabulary [V].
 
-The training set holds `--draws` independent corruption draws of every training clip
-(the samples are fixed features, so more draws are how the model sees fresh noise).
+The training set holds `draws` independent corruption draws of every training clip
+(`Corrupter`, the shards' noise model, vectorised), so a run sees each noisy sample
+only a few times; the test sets hold one fixed draw each, as in the end-to-end
+benchmark.
 
 1. Calibration, on the text-anchored cosine arm only: the corruption ladder
    `LADDER` is tried in order (mild to harsh) and the first setting where each
@@ -37,6 +40,7 @@ import functools
 import hashlib
 import json
 import multiprocessing
+import os
 import statistics
 import sys
 import time
@@ -58,7 +62,9 @@ from torch import Tensor, nn
 from benchmarks.av_digits_calibrate import ACCEPT_GAIN, ACCEPT_SINGLE, accepted
 from benchmarks.av_digits_data import (
     AUDIO_RATE,
+    AUDIO_SECONDS,
     DIGIT_NAMES,
+    IMAGE_SIZE,
     TEMPLATES,
     Corruption,
     DataSettings,
@@ -84,7 +90,7 @@ from benchmarks.av_digits_report import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("GRAM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 LADDER = (
     Corruption(0.5, 12, -3.0),
@@ -95,6 +101,9 @@ LADDER = (
 )
 """Corruptions the calibration tries, mild to harsh; the first accepted one is used. The
 first is the end-to-end benchmark's."""
+
+MEL_POOL = 4
+"""Log-mel frames (10 ms hop) averaged into one audio feature frame (40 ms)."""
 
 PARENTS = {"finetune_gram": "cosine_anchor", "finetune_cosine": "cosine_anchor"}
 """Fine-tuning arms and the arm (same seed) whose weights they start from."""
@@ -115,16 +124,16 @@ class Settings:
     """Everything that decides a run (see `--help`)."""
 
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    steps: int = 4000
-    finetune_steps: int = 2000
+    steps: int = 8000
+    finetune_steps: int = 4000
     batch_size: int = 50
     lr: float = 1e-3
     weight_decay: float = 0.05
     hidden: int = 256
     embed_dim: int = 128
-    draws: int = 5
     train_takes: tuple[int, int] = (5, 50)
     test_takes: tuple[int, int] = (0, 5)
+    draws: int = 20
 
 
 # --- features --------------------------------------------------------------------------------
@@ -146,26 +155,13 @@ def caption_features() -> Tensor:
     return out
 
 
-def _upsample_2x(wave: np.ndarray) -> np.ndarray:
-    """Band-limited 2x upsampling by zero-padding the spectrum (8 -> 16 kHz). [S] -> [2S]."""
-    spectrum = np.fft.rfft(wave)
-    padded = np.zeros(wave.shape[0] + 1, dtype=spectrum.dtype)
-    padded[: spectrum.shape[0]] = spectrum
-    out: np.ndarray = np.fft.irfft(padded, n=2 * wave.shape[0]) * 2.0
-    return out.astype(np.float32)
-
-
-def _log_mel(waves: Sequence[np.ndarray]) -> Tensor:
-    """16 kHz waves (cut or zero-padded to 1 s) -> the `tiny` front end's log-mel [N, F * M]."""
+def _log_mel_module() -> nn.Module:
+    """The `tiny` model's audio front end (`gram.audio.LogMel`)."""
     from gram.audio import LogMel
     from gram.model_config import model_config
 
     cfg = model_config("tiny").audio
-    n = cfg.num_samples
-    batch = torch.zeros(len(waves), n)
-    for i, w in enumerate(waves):
-        batch[i, : min(n, w.shape[0])] = torch.from_numpy(w[:n])
-    mel = LogMel(
+    return LogMel(
         sample_rate=cfg.sample_rate,
         n_mels=cfg.n_mels,
         window_ms=cfg.window_ms,
@@ -175,19 +171,53 @@ def _log_mel(waves: Sequence[np.ndarray]) -> Tensor:
         mean=cfg.mel_mean,
         std=cfg.mel_std,
     )
+
+
+def _audio_features(mel: nn.Module, waves: Tensor) -> Tensor:
+    """16 kHz waves [N, 16000] -> log-mel averaged over `MEL_POOL` frames [N, M * F']."""
     with torch.no_grad():
-        return torch.cat([mel(batch[i : i + 500]).flatten(1) for i in range(0, len(waves), 500)])
+        chunks = [
+            F.avg_pool1d(mel(waves[i : i + 500]).transpose(1, 2), MEL_POOL)  # [n, M, F']
+            for i in range(0, waves.shape[0], 500)
+        ]
+    return torch.cat(chunks).flatten(1)
+
+
+def _upsample_2x_batch(wave: Tensor) -> Tensor:
+    """Band-limited 2x upsampling of [B, S] by zero-padding the spectrum -> [B, 2S]."""
+    spectrum = torch.fft.rfft(wave)  # [B, S // 2 + 1]
+    padded = F.pad(spectrum, (0, wave.shape[1] + 1 - spectrum.shape[1]))  # [B, S + 1]
+    out: Tensor = torch.fft.irfft(padded, n=2 * wave.shape[1]) * 2.0
+    return out
+
+
+def _loudest_window(wave: np.ndarray) -> np.ndarray:
+    """The loudest `AUDIO_SECONDS` of a recording (all of a shorter one), as `corrupt_audio`
+    takes it."""
+    n = round(AUDIO_RATE * AUDIO_SECONDS)
+    if wave.shape[0] <= n:
+        return wave
+    energy = np.concatenate([[0.0], np.cumsum(wave.astype(np.float64) ** 2)])
+    start = int(np.argmax(energy[n:] - energy[:-n]))
+    return wave[start : start + n]
 
 
 def build_features(data_dir: Path, corruption: Corruption, s: Settings) -> dict[str, Any]:
-    """Per split: image [N, 1024], audio [N, F * M] and digit [N] features; the training
-    split holds `s.draws` corruption draws of every clip."""
+    """Per split: image [N, 1024], audio [N, M * F'] and digit [N] features, and the
+    captions' bags of words [10, P, V].
+
+    "train" holds `s.draws` draws of every training clip (`Corrupter`); "test" and
+    "holdout" one draw of every clip, by the end-to-end benchmark's `corrupt_image` /
+    `corrupt_audio`.
+    """
     settings = DataSettings(
         corruption=corruption, train_takes=s.train_takes, test_takes=s.test_takes
     )
     images, labels = load_mnist(data_dir / "mnist_5k.csv.gz")
     samples = make_samples(list_recordings(data_dir / "fsdd"), labels, settings)
     out: dict[str, Any] = {"captions": caption_features()}
+    mel = _log_mel_module()
+    n = round(AUDIO_RATE * AUDIO_SECONDS)
     for split, group in samples.items():
         clean = []
         for sample in group:
@@ -195,20 +225,90 @@ def build_features(data_dir: Path, corruption: Corruption, s: Settings) -> dict[
             if rate != AUDIO_RATE:
                 raise ValueError(f"{sample.recording}: expected {AUDIO_RATE} Hz, got {rate}")
             clean.append(wave)
-        draws = s.draws if split == "train" else 1
+        digits = torch.tensor([x.digit for x in group])  # [N]
+        if split == "train":
+            windows = [_loudest_window(w) for w in clean]
+            padded = np.zeros((len(windows), n), dtype=np.float32)
+            for i, w in enumerate(windows):
+                padded[i, : w.shape[0]] = w
+            corrupter = Corrupter(
+                torch.from_numpy(np.stack([images[x.image_index] for x in group])),
+                torch.from_numpy(padded),
+                torch.tensor([w.shape[0] for w in windows]),
+                corruption,
+            )
+            gen = torch.Generator().manual_seed(settings.seed)
+            drawn = [
+                corrupter(torch.arange(lo, min(lo + 250, len(group))), gen)
+                for _ in range(s.draws)
+                for lo in range(0, len(group), 250)
+            ]
+            out[split] = {
+                "image": torch.cat([d[0] for d in drawn]),  # [draws * N, 1024]
+                "audio": torch.cat([d[1] for d in drawn]),  # [draws * N, M * F']
+                "digit": digits.repeat(s.draws),
+            }
+            continue
+        rng = np.random.default_rng([settings.seed, 3, len(group)])
         pixels, waves = [], []
-        for draw in range(draws):
-            rng = np.random.default_rng([settings.seed, 3, draw, len(group)])
-            for sample, wave in zip(group, clean, strict=True):
-                pixels.append(corrupt_image(images[sample.image_index], corruption, rng))
-                noisy = np.round(corrupt_audio(wave, corruption, rng) * 32767.0) / 32767.0
-                waves.append(_upsample_2x(noisy.astype(np.float32)))
+        for sample, wave in zip(group, clean, strict=True):
+            pixels.append(corrupt_image(images[sample.image_index], corruption, rng))
+            noisy = np.round(corrupt_audio(wave, corruption, rng) * 32767.0) / 32767.0
+            waves.append(torch.from_numpy(noisy.astype(np.float32)))
         out[split] = {
             "image": torch.from_numpy(np.stack(pixels)).flatten(1).float() / 255.0,  # [N, 1024]
-            "audio": _log_mel(waves),  # [N, F * M]
-            "digit": torch.tensor([x.digit for x in group] * draws),  # [N]
+            "audio": _audio_features(mel, _upsample_2x_batch(torch.stack(waves))),  # [N, M * F']
+            "digit": digits,
         }
     return out
+
+
+class Corrupter:
+    """Corruption draws for batches of clips, with the distribution of the end-to-end
+    benchmark's `corrupt_image` and `corrupt_audio` (16-bit audio, 2x upsampled to 16 kHz),
+    then the fixed features: pixels [B, 1024] and pooled log-mel [B, M * F'].
+
+    images [N, 28, 28] uint8; waves [N, S] (8 kHz, the loudest 1 s of each recording,
+    zero-padded); lengths [N] (samples of each wave that are speech).
+    """
+
+    def __init__(
+        self, images: Tensor, waves: Tensor, lengths: Tensor, corruption: Corruption
+    ) -> None:
+        self.train = {"image": images, "wave": waves, "length": lengths}
+        self.corruption = corruption
+        self.mel = _log_mel_module()
+        length = lengths.clamp(min=1)
+        power = (waves.double() ** 2).sum(1) / length  # [N]
+        power = torch.where(power > 0, power, torch.full_like(power, 1e-12))
+        self.noise_std = (power / 10.0 ** (corruption.audio_snr_db / 10.0)).sqrt().float()
+
+    def __call__(self, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Clip indices [B] -> one draw of (image [B, 1024], audio [B, M * F'])."""
+        b, c = idx.shape[0], self.corruption
+        x = self.train["image"][idx].float() / 255.0  # [B, 28, 28]
+        side = c.image_occlusion
+        if side:
+            top, left = torch.randint(0, 28 - side + 1, (2, b, 1), generator=gen)  # [B, 1]
+            grid = torch.arange(28)[None, :]  # [1, 28]
+            rows = (grid >= top) & (grid < top + side)  # [B, 28]
+            cols = (grid >= left) & (grid < left + side)  # [B, 28]
+            x = torch.where(rows[:, :, None] & cols[:, None, :], 0.5, x)
+        pad = (IMAGE_SIZE - 28) // 2
+        x = F.pad(x, (pad, pad, pad, pad))  # [B, 32, 32]
+        x = x + torch.randn(x.shape, generator=gen) * c.image_noise_std
+        image = torch.round(x.clamp(0.0, 1.0) * 255.0).flatten(1) / 255.0  # [B, 1024]
+        wave, length = self.train["wave"][idx], self.train["length"][idx]  # [B, S], [B]
+        s = wave.shape[1]
+        offset = (torch.rand(b, generator=gen) * (s - length + 1)).long()  # [B]
+        source = torch.arange(s)[None, :] - offset[:, None]  # [B, S]
+        inside = (source >= 0) & (source < length[:, None])
+        placed = torch.where(inside, wave.gather(1, source.clamp(0, s - 1)), 0.0)  # [B, S]
+        mix = placed + torch.randn(b, s, generator=gen) * self.noise_std[idx, None]
+        peak = mix.abs().amax(dim=1, keepdim=True)  # [B, 1]
+        mix = torch.where(peak > 0.99, mix * (0.99 / peak), mix)
+        mix = torch.round(mix * 32767.0) / 32767.0  # 16-bit
+        return image, _audio_features(self.mel, _upsample_2x_batch(mix))
 
 
 @functools.lru_cache(maxsize=2)
@@ -233,16 +333,15 @@ class FeatureTowers(nn.Module):
         self.towers = nn.ModuleDict({m: _mlp(d, hidden, embed_dim) for m, d in dims.items()})
 
     def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
-        """{"text": [B, V], "video": [B, 1024], "audio": [B, F * M]} -> embeddings [B, D]."""
+        """{"text": [B, V], "video": [B, 1024], "audio": [B, M * F']} -> embeddings [B, D]."""
         return {m: F.normalize(self.towers[m](x), dim=-1) for m, x in inputs.items()}
 
 
 def _dims(features: dict[str, Any]) -> dict[str, int]:
-    train = features["train"]
     return {
         "text": features["captions"].shape[-1],
-        "video": train["image"].shape[1],
-        "audio": train["audio"].shape[1],
+        "video": features["test"]["image"].shape[1],
+        "audio": features["test"]["audio"].shape[1],
     }
 
 
@@ -279,15 +378,12 @@ def train_run(
         idx = order[lo : lo + s.batch_size]  # [B]
         digits = train["digit"][idx]
         template = torch.randint(captions.shape[1], (len(idx),), generator=gen)
-        out = loss(
-            **model(
-                {
-                    "text": captions[digits, template],  # [B, V]
-                    "video": train["image"][idx],  # [B, 1024]
-                    "audio": train["audio"][idx],  # [B, F * M]
-                }
-            )
-        )
+        inputs = {
+            "text": captions[digits, template],  # [B, V]
+            "video": train["image"][idx],  # [B, 1024]
+            "audio": train["audio"][idx],  # [B, M * F']
+        }
+        out = loss(**model(inputs))
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         nn.utils.clip_grad_norm_(list(model.parameters()) + list(loss.parameters()), 1.0)
@@ -458,12 +554,12 @@ def write_report(
         f"{s.train_takes[0]}-{s.train_takes[1] - 1} of five speakers for training, takes "
         f"{s.test_takes[0]}-{s.test_takes[1] - 1} of the same speakers as the official test "
         "split, every take of `theo` held out), each with one unused MNIST image of its "
-        f"digit; {s.draws} corruption draws of every training clip.",
+        f"digit; {s.draws} corruption draws of every training clip, one of every test clip.",
         f"- Corruption (calibrated, below): {corruption.describe()}.",
         "- Towers: MLPs (one hidden layer of "
         f"{s.hidden}, GELU, D = {s.embed_dim}) over fixed features: the corrupted 32 x 32 "
         "pixels, the log-mel spectrogram of the noisy 16 kHz speech (the `tiny` model's "
-        "front end) and the caption's bag of words.",
+        "front end, averaged over 40 ms) and the caption's bag of words.",
         f"- Training (identical for every arm): batch {s.batch_size}, AdamW lr {s.lr:g}, "
         f"weight decay {s.weight_decay:g}, 10 % linear warmup and cosine decay to 0, "
         "gradient clip 1.0, temperature 0.07 learnable (one per loss term), label smoothing "
@@ -521,7 +617,7 @@ def write_report(
     return path
 
 
-QUICK = Settings(seeds=(0,), steps=60, finetune_steps=30, draws=1, train_takes=(5, 7))
+QUICK = Settings(seeds=(0,), steps=60, finetune_steps=30, draws=2, train_takes=(5, 7))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,89 @@
+"""AV-digits on fixed features: its parts on small inputs, and `--quick` on the real data."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks.av_digits_data import DIGIT_NAMES, TEMPLATES
+from benchmarks.av_digits_features import LADDER, LOSSES, PARENTS, FeatureTowers, caption_features
+from benchmarks.av_digits_report import ARMS
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_caption_features_differ_only_in_the_digit_word() -> None:
+    bags = caption_features()  # [10, P, V]
+    assert bags.shape[:2] == (len(DIGIT_NAMES), len(TEMPLATES))
+    for p in range(len(TEMPLATES)):
+        diff = (bags[0, p] - bags[1, p]).abs()
+        assert diff.sum() == 2  # "zero" out, "one" in
+    assert torch.equal(
+        bags.sum(-1), torch.tensor([[len(t.split()) for t in TEMPLATES]] * 10).float()
+    )
+
+
+def test_towers_embed_each_modality_on_the_unit_sphere() -> None:
+    towers = FeatureTowers({"text": 7, "video": 12, "audio": 20}, hidden=16, embed_dim=8)
+    out = towers({"text": torch.rand(5, 7), "video": torch.rand(5, 12), "audio": torch.rand(5, 20)})
+    assert set(out) == {"text", "video", "audio"}
+    for emb in out.values():
+        assert emb.shape == (5, 8)
+        assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
+
+
+def test_every_arm_has_a_loss_and_the_ladder_gets_harsher() -> None:
+    assert set(LOSSES) == set(ARMS)
+    assert set(PARENTS.values()) == {"cosine_anchor"}
+    for milder, harsher in itertools.pairwise(LADDER):
+        assert harsher.image_noise_std > milder.image_noise_std
+        assert harsher.audio_snr_db < milder.audio_snr_db
+
+
+def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
+    """`--quick` computes the features, trains the six arms (the fine-tuning arms from the
+    cosine run's final weights) and writes the report (numbers not checked)."""
+    data = shared_data / "av-digits"
+    if not (data / "fsdd").is_dir():
+        pytest.skip(f"{data} has no fsdd/ recordings")
+    out = tmp_path / "avf"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/av_digits_features.py",
+            "--quick",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    doc = (out / "av_digits_features.md").read_text()
+    for heading in ("## Calibration", "## Convergence", "## Results", "## Paired per-seed"):
+        assert heading in doc
+    for label in ARMS.values():
+        assert doc.count(f"| {label} |") == 5, label  # convergence + 2 test sets x 2 tables
+    for png in ("av_digits_features_loss.png", "av_digits_features_accuracy.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["arm"]: r for r in results["runs"]}
+    assert set(runs) == set(ARMS)
+    assert runs["gram"]["steps"] == 60
+    assert runs["finetune_gram"]["steps"] == 30
+    assert all(set(r["metrics"]) == {"official", "holdout"} for r in runs.values())
+    assert len(results["calibration"]) == 1
