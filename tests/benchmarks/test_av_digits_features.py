@@ -11,9 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from benchmarks.av_digits_data import DIGIT_NAMES, TEMPLATES
-from benchmarks.av_digits_features import LADDER, LOSSES, PARENTS, FeatureTowers, caption_features
+from benchmarks.av_digits_data import DIGIT_NAMES, TEMPLATES, Sample
+from benchmarks.av_digits_features import (
+    LADDER,
+    LOSSES,
+    MISSING,
+    PARENTS,
+    FeatureTowers,
+    _partners,
+    _present,
+    caption_features,
+    evaluate_four,
+)
 from benchmarks.av_digits_report import ARMS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,11 +85,22 @@ def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     doc = (out / "av_digits_features.md").read_text()
-    for heading in ("## Calibration", "## Convergence", "## Results", "## Paired per-seed"):
+    for heading in (
+        "## Calibration",
+        "## Convergence",
+        "## Results",
+        "## Paired per-seed",
+        "## Four modalities, some missing",
+    ):
         assert heading in doc
     for label in ARMS.values():
-        assert doc.count(f"| {label} |") == 5, label  # convergence + 2 test sets x 2 tables
-    for png in ("av_digits_features_loss.png", "av_digits_features_accuracy.png"):
+        # three modalities: convergence + 2 test sets x 2 tables; four: 2 test sets + convergence
+        assert doc.count(f"| {label} |") == 8, label
+    for png in (
+        "av_digits_features_loss.png",
+        "av_digits_features_accuracy.png",
+        "av_digits_features_four_loss.png",
+    ):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     runs = {r["arm"]: r for r in results["runs"]}
@@ -87,3 +109,46 @@ def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     assert runs["finetune_gram"]["steps"] == 30
     assert all(set(r["metrics"]) == {"official", "holdout"} for r in runs.values())
     assert len(results["calibration"]) == 1
+    four = {r["arm"]: r for r in results["four_runs"]}
+    assert set(four) == set(ARMS)
+    for r in four.values():
+        assert set(r["metrics"]["official"]) >= {"zs_own", "zs_volume", "zs_cos_sum"}
+
+
+def test_partners_are_other_takes_of_the_same_digit_and_speaker() -> None:
+    group = [
+        Sample(f"s{i}", "train", d, spk, t, Path("x.wav"), 0)
+        for i, (spk, d, t) in enumerate(
+            (spk, d, t) for spk in ("a", "b") for d in range(3) for t in range(4)
+        )
+    ]
+    partner = _partners(group, seed=0)
+    for i, j in enumerate(partner.tolist()):
+        assert j != i
+        assert (group[j].speaker, group[j].digit) == (group[i].speaker, group[i].digit)
+    with pytest.raises(ValueError, match="no other take"):
+        _partners(group[:1], seed=0)
+
+
+def test_present_keeps_one_modality_and_drops_about_a_third() -> None:
+    present = _present(30_000, torch.Generator().manual_seed(0))
+    assert present.shape == (30_000, 3)
+    assert bool(present.any(dim=1).all())
+    missing = 1.0 - present.float().mean().item()
+    assert abs(missing - MISSING) < 0.06  # 1/3 each, minus the rows given one back
+
+
+def test_four_modality_scores_leave_missing_modalities_out() -> None:
+    torch.manual_seed(0)
+    classes = F.normalize(torch.randn(10, 16), dim=-1)
+    labels = torch.arange(10).repeat(3)  # [30]
+    good = classes[labels]  # each clip's true class embedding
+    noise = F.normalize(torch.randn(30, 16), dim=-1)
+    emb = {"video": good, "audio": noise, "audio2": noise}
+    prompts = classes[:, None, :]  # [10, 1, 16]
+    only_video = torch.tensor([[True, False, False]] * 30)
+    scores = evaluate_four(prompts, emb, only_video, labels)
+    assert scores["zs_cos_sum"] == 100.0
+    assert scores["zs_volume"] == 100.0
+    only_noise = torch.tensor([[False, True, True]] * 30)
+    assert evaluate_four(prompts, emb, only_noise, labels)["zs_cos_sum"] < 50.0
