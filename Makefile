@@ -64,7 +64,8 @@ demo: setup
 	$(PY) -m jobs.demo
 
 # The speed benchmarks (about 30 minutes on 2 cores); the AV-digits quality
-# benchmark is `gram bench av-digits` (needs $GRAM_SHARED_DATA/av-digits).
+# benchmarks are `gram bench av-digits` and `gram bench av-digits-features`
+# (both need $GRAM_SHARED_DATA/av-digits).
 bench: setup
 	PYTHONPATH=. $(PY) benchmarks/bench_volume.py
 	PYTHONPATH=. $(PY) benchmarks/bench_model.py

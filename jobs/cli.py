@@ -40,6 +40,7 @@ def _commands() -> dict[str, tuple[str, str]]:
 COMMANDS = _commands()
 BENCHMARKS = {
     "av-digits": "av_digits.py",
+    "av-digits-features": "av_digits_features.py",
     "volume": "bench_volume.py",
     "model": "bench_model.py",
     "train": "bench_train.py",
