@@ -172,21 +172,12 @@ def caption_features() -> Tensor:
 
 
 def _log_mel_module() -> nn.Module:
-    """The `tiny` model's audio front end (`gram.audio.LogMel`)."""
-    from gram.audio import LogMel
+    """The `tiny` model's audio front end (`gram.audio.LogMel` with its settings)."""
+    from gram.encoders import AudioEncoder
     from gram.model_config import model_config
 
-    cfg = model_config("tiny").audio
-    return LogMel(
-        sample_rate=cfg.sample_rate,
-        n_mels=cfg.n_mels,
-        window_ms=cfg.window_ms,
-        hop_ms=cfg.hop_ms,
-        fmin=cfg.fmin,
-        fmax=cfg.fmax,
-        mean=cfg.mel_mean,
-        std=cfg.mel_std,
-    )
+    front_end: nn.Module = AudioEncoder(model_config("tiny").audio).features
+    return front_end
 
 
 def _audio_features(mel: nn.Module, waves: Tensor) -> Tensor:
