@@ -13,12 +13,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.av_digits_data import DIGIT_NAMES, TEMPLATES, Sample
+from benchmarks.av_digits_data import DIGIT_NAMES, TEMPLATES, Corruption, Sample
 from benchmarks.av_digits_features import (
     LADDER,
     LOSSES,
     MISSING,
     PARENTS,
+    Corrupter,
     FeatureTowers,
     _partners,
     _present,
@@ -152,3 +153,28 @@ def test_four_modality_scores_leave_missing_modalities_out() -> None:
     assert scores["zs_volume"] == 100.0
     only_noise = torch.tensor([[False, True, True]] * 30)
     assert evaluate_four(prompts, emb, only_noise, labels)["zs_cos_sum"] < 50.0
+
+
+def test_corrupter_occludes_pads_and_adds_noise_at_the_snr() -> None:
+    n, s = 4, 8000
+    images = torch.full((n, 28, 28), 255, dtype=torch.uint8)
+    t = torch.arange(s, dtype=torch.float32) / s
+    waves = 0.05 * torch.sin(2 * torch.pi * 440.0 * t).repeat(n, 1)  # [n, S], 1 s at 8 kHz
+    lengths = torch.full((n,), s)
+    gen = torch.Generator().manual_seed(0)
+    clean = Corrupter(images, waves, lengths, Corruption(0.0, 12, 60.0))
+    image, audio = clean(torch.arange(n), gen)
+    assert image.shape == (n, 1024)
+    grid = image.view(n, 32, 32)
+    assert bool((grid[:, :2] == 0).all())  # 2 px padding
+    assert bool((grid[:, :, -2:] == 0).all())
+    assert ((grid - 128 / 255).abs() < 1e-6).sum(dim=(1, 2)).tolist() == [144] * n  # occluder
+    assert audio.shape[0] == n
+    loud = Corrupter(images, waves, lengths, Corruption(0.0, 12, -6.0))(torch.arange(n), gen)[1]
+    soft = Corrupter(images, waves, lengths, Corruption(0.0, 12, 20.0))(torch.arange(n), gen)[1]
+    # Mel bins 28-40 (~1.6-3.3 kHz) hold only noise: 26 dB more noise power raises their
+    # log-mel by ln(10 ** 2.6) / (2 * 3.8) = 0.79 (the front end's normalisation; the
+    # tone is quiet enough that no mix is scaled down for clipping).
+    band = slice(28 * 25, 41 * 25)  # features are [M, F'] flattened, F' = 25
+    gap = (loud[:, band].mean() - soft[:, band].mean()).item()
+    assert abs(gap - 0.79) < 0.08
