@@ -136,7 +136,13 @@ LOSSES: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything that decides a run (see `--help`)."""
+    """Everything that decides a run (`QUICK` for `--quick`).
+
+    Steps are optimizer steps of `batch_size` clips; `lr` is AdamW's peak (10 % linear
+    warmup, cosine decay to 0); `hidden` and `embed_dim` size the towers; takes are
+    [first, last) FSDD take numbers; `draws` corruption draws of every training clip;
+    the four-modality arms run on the first `four_seeds` seeds.
+    """
 
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     steps: int = 8000
@@ -667,7 +673,12 @@ def write_report(
         f"{s.test_takes[0]}-{s.test_takes[1] - 1} of the same speakers as the official test "
         "split, every take of `theo` held out), each with one unused MNIST image of its "
         f"digit; {s.draws} corruption draws of every training clip, one of every test clip.",
-        f"- Corruption (calibrated, below): {corruption.describe()}.",
+        f"- Corruption (calibrated, below): {corruption.describe()}"
+        + (
+            "."
+            if calibration[-1]["accepted"]
+            else " (**no setting met the rule**: the last one is used)."
+        ),
         "- Towers: MLPs (one hidden layer of "
         f"{s.hidden}, GELU, D = {s.embed_dim}) over fixed features: the corrupted 32 x 32 "
         "pixels, the log-mel spectrogram of the noisy 16 kHz speech (the `tiny` model's "
@@ -760,8 +771,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: one seed, few steps")
-    parser.add_argument("--data", type=Path, default=SHARED_DATA / "av-digits")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "av_digits_features")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=SHARED_DATA / "av-digits",
+        help="the AV-digits folder: fsdd/ and mnist_5k.csv.gz (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "results" / "av_digits_features",
+        help="report, plots, results.json and the features cache (default: %(default)s)",
+    )
     parser.add_argument("--parallel", type=int, default=2, help="runs at a time (processes)")
     args = parser.parse_args(argv)
     s = QUICK if args.quick else Settings()
