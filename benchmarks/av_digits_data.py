@@ -285,6 +285,16 @@ def corrupt_image(
     return out
 
 
+def loudest_window(wave: np.ndarray) -> np.ndarray:
+    """The loudest `AUDIO_SECONDS` of a recording at AUDIO_RATE (all of a shorter one)."""
+    n = round(AUDIO_RATE * AUDIO_SECONDS)
+    if wave.shape[0] <= n:
+        return wave
+    energy = np.concatenate([[0.0], np.cumsum(wave.astype(np.float64) ** 2)])
+    start = int(np.argmax(energy[n:] - energy[:-n]))
+    return wave[start : start + n]
+
+
 def corrupt_audio(wave: np.ndarray, corruption: Corruption, rng: np.random.Generator) -> np.ndarray:
     """Float mono speech at AUDIO_RATE -> [AUDIO_RATE * AUDIO_SECONDS] float32 in [-1, 1].
 
@@ -293,11 +303,7 @@ def corrupt_audio(wave: np.ndarray, corruption: Corruption, rng: np.random.Gener
     relative to the recording's mean power; the mix is scaled down if it would clip.
     """
     n = round(AUDIO_RATE * AUDIO_SECONDS)
-    wave = wave.astype(np.float64)
-    if wave.shape[0] > n:
-        energy = np.concatenate([[0.0], np.cumsum(wave**2)])
-        start = int(np.argmax(energy[n:] - energy[:-n]))
-        wave = wave[start : start + n]
+    wave = loudest_window(wave.astype(np.float64))
     power = float(np.mean(wave**2)) or 1e-12
     out = np.zeros(n)
     offset = int(rng.integers(0, n - wave.shape[0] + 1))

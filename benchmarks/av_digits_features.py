@@ -77,6 +77,7 @@ from benchmarks.av_digits_data import (
     corrupt_image,
     list_recordings,
     load_mnist,
+    loudest_window,
     make_samples,
 )
 from benchmarks.av_digits_eval import ClipEmbeddings, evaluate_embeddings
@@ -204,17 +205,6 @@ def _upsample_2x_batch(wave: Tensor) -> Tensor:
     return out
 
 
-def _loudest_window(wave: np.ndarray) -> np.ndarray:
-    """The loudest `AUDIO_SECONDS` of a recording (all of a shorter one), as `corrupt_audio`
-    takes it."""
-    n = round(AUDIO_RATE * AUDIO_SECONDS)
-    if wave.shape[0] <= n:
-        return wave
-    energy = np.concatenate([[0.0], np.cumsum(wave.astype(np.float64) ** 2)])
-    start = int(np.argmax(energy[n:] - energy[:-n]))
-    return wave[start : start + n]
-
-
 def build_features(data_dir: Path, corruption: Corruption, s: Settings) -> dict[str, Any]:
     """Per split: image [N, 1024], audio [N, M * F'] and digit [N] features, and the
     captions' bags of words [10, P, V].
@@ -240,7 +230,7 @@ def build_features(data_dir: Path, corruption: Corruption, s: Settings) -> dict[
             clean.append(wave)
         digits = torch.tensor([x.digit for x in group])  # [N]
         if split == "train":
-            windows = [_loudest_window(w) for w in clean]
+            windows = [loudest_window(w) for w in clean]
             padded = np.zeros((len(windows), n), dtype=np.float32)
             for i, w in enumerate(windows):
                 padded[i, : w.shape[0]] = w
@@ -332,7 +322,7 @@ class Corrupter:
     def __init__(
         self, images: Tensor, waves: Tensor, lengths: Tensor, corruption: Corruption
     ) -> None:
-        self.train = {"image": images, "wave": waves, "length": lengths}
+        self.sources = {"image": images, "wave": waves, "length": lengths}
         self.corruption = corruption
         self.mel = _log_mel_module()
         length = lengths.clamp(min=1)
@@ -343,7 +333,7 @@ class Corrupter:
     def __call__(self, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Clip indices [B] -> one draw of (image [B, 1024], audio [B, M * F'])."""
         b, c = idx.shape[0], self.corruption
-        x = self.train["image"][idx].float() / 255.0  # [B, 28, 28]
+        x = self.sources["image"][idx].float() / 255.0  # [B, 28, 28]
         side = c.image_occlusion
         if side:
             top, left = torch.randint(0, 28 - side + 1, (2, b, 1), generator=gen)  # [B, 1]
@@ -355,7 +345,7 @@ class Corrupter:
         x = F.pad(x, (pad, pad, pad, pad))  # [B, 32, 32]
         x = x + torch.randn(x.shape, generator=gen) * c.image_noise_std
         image = torch.round(x.clamp(0.0, 1.0) * 255.0).flatten(1) / 255.0  # [B, 1024]
-        wave, length = self.train["wave"][idx], self.train["length"][idx]  # [B, S], [B]
+        wave, length = self.sources["wave"][idx], self.sources["length"][idx]  # [B, S], [B]
         s = wave.shape[1]
         offset = (torch.rand(b, generator=gen) * (s - length + 1)).long()  # [B]
         source = torch.arange(s)[None, :] - offset[:, None]  # [B, S]
@@ -619,6 +609,23 @@ def _calibration_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _results(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (run, test set), as `aggregate` and `paired_differences` take them."""
+    return [
+        {"split": split, "arm": r["arm"], "seed": r["seed"], "metrics": m}
+        for r in runs
+        for split, m in r["metrics"].items()
+    ]
+
+
+def _curves(runs: Sequence[dict[str, Any]]) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """Per arm, every seed's (steps, training loss per step), as `plot_curves` takes them."""
+    curves: dict[str, list[tuple[list[int], list[float]]]] = {}
+    for r in runs:
+        curves.setdefault(r["arm"], []).append((list(range(1, r["steps"] + 1)), r["curve"]))
+    return curves
+
+
 def write_report(
     out: Path,
     s: Settings,
@@ -630,30 +637,15 @@ def write_report(
     seconds: float,
 ) -> Path:
     """av_digits_features.md, the plots and results.json in `out`."""
-    results = [
-        {"split": split, "arm": r["arm"], "seed": r["seed"], "metrics": m}
-        for r in runs
-        for split, m in r["metrics"].items()
-    ]
+    results = _results(runs)
     rows = aggregate(results)
     diffs = paired_differences(results)
-    curves: dict[str, list[tuple[list[int], list[float]]]] = {}
-    for r in runs:
-        curves.setdefault(r["arm"], []).append((list(range(1, r["steps"] + 1)), r["curve"]))
-    plot_curves(curves, out / "av_digits_features_loss.png")
+    plot_curves(_curves(runs), out / "av_digits_features_loss.png")
     plot_accuracy(rows, out / "av_digits_features_accuracy.png")
-    four_results = [
-        {"split": split, "arm": r["arm"], "seed": r["seed"], "metrics": m}
-        for r in four
-        for split, m in r["metrics"].items()
-    ]
+    four_results = _results(four)
     four_rows = aggregate(four_results)
-    four_metrics = ("zs_own", "zs_volume", "zs_cos_sum")
-    four_diffs = paired_differences(four_results, four_metrics)
-    four_curves: dict[str, list[tuple[list[int], list[float]]]] = {}
-    for r in four:
-        four_curves.setdefault(r["arm"], []).append((list(range(1, r["steps"] + 1)), r["curve"]))
-    plot_curves(four_curves, out / "av_digits_features_four_loss.png")
+    four_diffs = paired_differences(four_results, ("zs_own", "zs_volume", "zs_cos_sum"))
+    plot_curves(_curves(four), out / "av_digits_features_four_loss.png")
     columns = [("zs_own", "own rule"), ("zs_volume", "volume"), ("zs_cos_sum", "cos-sum")]
     four_table = []
     for split, label in SPLITS.items():
