@@ -31,8 +31,10 @@ benchmark.
    `LADDER` is tried in order (mild to harsh) and the first setting where each
    modality alone scores at most 75 % zero-shot and both together at least 10 points
    more (official split, mean over the seeds) is used. No other arm is trained first.
-2. Every arm x seed, the plateau test of every run, both test tables by every scoring
-   rule, paired per-seed differences, plots and `results.json` in `--out`.
+2. Every arm x seed, the plateau test of every run on its training loss and on its loss
+   over the official test split (`eval_loss`, measured `TEST_LOSS_POINTS` times a run,
+   reported only), both test tables by every scoring rule, paired per-seed
+   differences, plots and `results.json` in `--out`.
 3. Every arm again with four modalities (a second recording of the digit), each data
    modality missing in a third of the samples, on the first `four_seeds` seeds.
 """
@@ -120,6 +122,10 @@ FEATURES_VERSION = 2
 MISSING = 1 / 3
 """In the four-modality runs, the chance that a sample lacks each of video, audio and the
 second audio view (training and test alike; a sample keeps at least one)."""
+
+TEST_LOSS_POINTS = 40
+"""How often a run measures its loss on the official test split (`eval_loss`): this many
+times, evenly spaced in steps."""
 
 PARENTS = {"finetune_gram": "cosine_anchor", "finetune_cosine": "cosine_anchor"}
 """Fine-tuning arms and the arm (same seed) whose weights they start from."""
@@ -392,6 +398,50 @@ def _dims(features: dict[str, Any]) -> dict[str, int]:
     }
 
 
+def _batch(
+    data: dict[str, Tensor], idx: Tensor, template: Tensor, captions: Tensor, four: bool
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The loss inputs of clips `idx` [B] of one split, captioned by templates [B]
+    (captions [10, P, V]); with `four`, the second audio view and the modality mask
+    [B, 4] in the order of the inputs (text always present)."""
+    inputs = {
+        "text": captions[data["digit"][idx], template],  # [B, V]
+        "video": data["image"][idx],  # [B, 1024]
+        "audio": data["audio"][idx],  # [B, M * F']
+    }
+    if not four:
+        return inputs, None
+    inputs["audio2"] = data["audio2"][idx]  # [B, M * F']
+    mask = torch.cat([torch.ones(len(idx), 1, dtype=torch.bool), data["present"][idx]], 1)
+    return inputs, mask
+
+
+def eval_loss(
+    model: nn.Module,
+    loss: nn.Module,
+    data: dict[str, Tensor],
+    captions: Tensor,
+    s: Settings,
+    four: bool,
+) -> float:
+    """The training loss on a test split, for the convergence test only: the mean over its
+    full batches of `s.batch_size` clips in a fixed shuffled order with fixed caption
+    templates, with the loss's current temperature, dropout-free (eval mode)."""
+    gen = torch.Generator().manual_seed(0)
+    n = data["digit"].shape[0]
+    order = torch.randperm(n, generator=gen)  # [N]
+    templates = torch.randint(captions.shape[1], (n,), generator=gen)  # [N]
+    values = []
+    model.eval()
+    with torch.no_grad():
+        for lo in range(0, n - s.batch_size + 1, s.batch_size):
+            idx = order[lo : lo + s.batch_size]  # [B]
+            inputs, mask = _batch(data, idx, templates[idx], captions, four)
+            values.append(float(loss(mask=mask, **model(inputs))["loss"]))
+    model.train()
+    return statistics.fmean(values)
+
+
 def train_run(
     path: str, arm: str, seed: int, s: Settings, init: dict[str, Tensor] | None, four: bool = False
 ) -> dict[str, Any]:
@@ -423,31 +473,29 @@ def train_run(
     gen = torch.Generator().manual_seed(seed)
     n = train["digit"].shape[0]
     order = torch.randperm(n, generator=gen)
+    every = max(1, steps // TEST_LOSS_POINTS)
     curve: list[float] = []
+    test_curve: list[tuple[int, float]] = []
     for step in range(steps):
         lo = (step * s.batch_size) % (n - n % s.batch_size)
         if step and lo == 0:
             order = torch.randperm(n, generator=gen)
         idx = order[lo : lo + s.batch_size]  # [B]
-        digits = train["digit"][idx]
         template = torch.randint(captions.shape[1], (len(idx),), generator=gen)
-        inputs = {
-            "text": captions[digits, template],  # [B, V]
-            "video": train["image"][idx],  # [B, 1024]
-            "audio": train["audio"][idx],  # [B, M * F']
-        }
-        mask = None
-        if four:
-            inputs["audio2"] = train["audio2"][idx]  # [B, M * F']
-            mask = torch.cat([torch.ones(len(idx), 1, dtype=torch.bool), train["present"][idx]], 1)
-        out = loss(mask=mask, **model(inputs))  # mask [B, 4] in the order of `inputs`
+        inputs, mask = _batch(train, idx, template, captions, four)
+        out = loss(mask=mask, **model(inputs))
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         nn.utils.clip_grad_norm_(list(model.parameters()) + list(loss.parameters()), 1.0)
         optimizer.step()
         scheduler.step()
         curve.append(float(out["loss"].detach()))
+        if (step + 1) % every == 0:
+            test_curve.append(
+                (step + 1, eval_loss(model, loss, features["test"], captions, s, four))
+            )
     change, converged = plateau(curve)
+    test_change, test_converged = plateau([v for _, v in test_curve])
     fifth = max(1, steps // 5)
     model.eval()
     metrics: dict[str, dict[str, float]] = {}
@@ -483,6 +531,9 @@ def train_run(
         "steps": steps,
         "curve": curve,
         "plateau_change": change,
+        "test_curve": test_curve,
+        "test_loss_change": test_change,
+        "test_loss_converged": test_converged,
         "converged": converged,
         "final_loss": statistics.fmean(curve[-fifth:]),
         "metrics": metrics,
@@ -536,7 +587,8 @@ def run_arms(
     for r in runs:
         print(
             f"  {r['arm']:<16} seed {r['seed']}: loss {r['final_loss']:.3f} "
-            f"(plateau change {100 * r['plateau_change']:.2f} %), own rule "
+            f"(plateau change {100 * r['plateau_change']:.2f} %, test loss "
+            f"{100 * r['test_loss_change']:.2f} %), own rule "
             f"{r['metrics']['official']['zs_own']:.1f} % ({r['seconds']:.0f} s)",
             flush=True,
         )
@@ -618,12 +670,49 @@ def _results(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _curves(runs: Sequence[dict[str, Any]]) -> dict[str, list[tuple[list[int], list[float]]]]:
-    """Per arm, every seed's (steps, training loss per step), as `plot_curves` takes them."""
+def _curves(
+    runs: Sequence[dict[str, Any]], test: bool = False
+) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """Per arm, every seed's (steps, training loss per step), or with `test` its
+    (steps, test loss) points, as `plot_curves` takes them."""
     curves: dict[str, list[tuple[list[int], list[float]]]] = {}
     for r in runs:
-        curves.setdefault(r["arm"], []).append((list(range(1, r["steps"] + 1)), r["curve"]))
+        if test:
+            points = ([step for step, _ in r["test_curve"]], [v for _, v in r["test_curve"]])
+        else:
+            points = (list(range(1, r["steps"] + 1)), r["curve"])
+        curves.setdefault(r["arm"], []).append(points)
     return curves
+
+
+def _test_loss_table(runs: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per arm, the plateau test on the test loss (signed change, per seed)."""
+    lines = [
+        "| arm | test loss (mean of last 20 %) | change vs the 20 % before, per seed "
+        "| within the tolerance |",
+        "|---|---:|---|---|",
+    ]
+    for arm in ARMS:
+        group = sorted((r for r in runs if r["arm"] == arm), key=lambda r: int(r["seed"]))
+        if not group:
+            continue
+        finals = []
+        changes = []
+        for r in group:
+            values = [v for _, v in r["test_curve"]]
+            fifth = max(1, len(values) // 5)
+            last, before = (
+                statistics.fmean(values[-fifth:]),
+                statistics.fmean(values[-2 * fifth : -fifth]),
+            )
+            finals.append(last)
+            changes.append(100 * (last - before) / before)
+        ok = sum(bool(r["test_loss_converged"]) for r in group)
+        lines.append(
+            f"| {ARMS[arm]} | {statistics.fmean(finals):.3f} "
+            f"| {', '.join(f'{c:+.2f} %' for c in changes)} | {ok} of {len(group)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def write_report(
@@ -641,11 +730,15 @@ def write_report(
     rows = aggregate(results)
     diffs = paired_differences(results)
     plot_curves(_curves(runs), out / "av_digits_features_loss.png")
+    plot_curves(_curves(runs, test=True), out / "av_digits_features_test_loss.png", "test loss")
     plot_accuracy(rows, out / "av_digits_features_accuracy.png")
     four_results = _results(four)
     four_rows = aggregate(four_results)
     four_diffs = paired_differences(four_results, ("zs_own", "zs_volume", "zs_cos_sum"))
     plot_curves(_curves(four), out / "av_digits_features_four_loss.png")
+    plot_curves(
+        _curves(four, test=True), out / "av_digits_features_four_test_loss.png", "test loss"
+    )
     columns = [("zs_own", "own rule"), ("zs_volume", "volume"), ("zs_cos_sum", "cos-sum")]
     four_table = []
     for split, label in SPLITS.items():
@@ -656,6 +749,7 @@ def write_report(
             "",
         ]
     converged = sum(bool(r["converged"]) for r in runs)
+    test_converged = sum(bool(r["test_loss_converged"]) for r in runs)
     doc = [
         "# AV-digits on fixed features: GRAM volume vs pairwise cosine",
         "",
@@ -683,7 +777,10 @@ def write_report(
         "from the same seed's text-anchored cosine model).",
         f"- Converged: the mean training loss over the last 20 % of a run's steps within "
         f"{100 * PLATEAU_TOLERANCE:g} % of the mean over the 20 % before; {converged} of "
-        f"{len(runs)} runs converged.",
+        f"{len(runs)} runs converged. The same test on the loss over the official test split "
+        f"(measured {TEST_LOSS_POINTS} times per run, `eval_loss`; for this report only, "
+        f"nothing is chosen by it): {test_converged} of {len(runs)} runs within "
+        f"{100 * PLATEAU_TOLERANCE:g} %.",
         f"- Runtime: {seconds / 60:.1f} min on {multiprocessing.cpu_count()} CPUs.",
         "",
         "## Calibration (text-anchored cosine arm only, official split, mean over the seeds)",
@@ -696,6 +793,13 @@ def write_report(
         "",
         convergence_table(runs),
         "![training loss](av_digits_features_loss.png)",
+        "",
+        "The loss on the official test split (its full batches of the training batch size "
+        "in a fixed order, fixed caption templates, the loss's current temperature), the "
+        "same plateau test, signed (negative: still falling):",
+        "",
+        _test_loss_table(runs),
+        "![test loss](av_digits_features_test_loss.png)",
         "",
         "## Results",
         "",
@@ -723,6 +827,9 @@ def write_report(
         *four_table,
         convergence_table(four),
         "![training loss, four modalities](av_digits_features_four_loss.png)",
+        "",
+        _test_loss_table(four),
+        "![test loss, four modalities](av_digits_features_four_test_loss.png)",
         "",
         difference_table(four_diffs),
         "Data: Free Spoken Digit Dataset (Jakobovski et al., CC BY-SA 4.0); MNIST (LeCun, "

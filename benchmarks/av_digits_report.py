@@ -358,10 +358,12 @@ def _smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def plot_curves(
-    curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]], path: Path
+    curves: Mapping[str, Sequence[tuple[Sequence[int], Sequence[float]]]],
+    path: Path,
+    label: str = "training loss",
 ) -> Path:
-    """Training loss against step, one panel per arm, one line per seed (moving average),
-    the two plateau windows shaded."""
+    """A loss (`label`) against step, one panel per arm, one line per seed (moving
+    average), the two plateau windows shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -386,8 +388,8 @@ def plot_curves(
                 ax.axvspan(steps[-fifth], steps[-1], color="0.7")
         ax.set_title(ARMS[arm], fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-    fig.suptitle("Training loss per seed (moving average); shaded: the two plateau windows")
+        ax.set_ylabel(label)
+    fig.suptitle(f"{label.capitalize()} per seed (moving average); shaded: the two plateau windows")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

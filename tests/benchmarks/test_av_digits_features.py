@@ -21,9 +21,12 @@ from benchmarks.av_digits_features import (
     PARENTS,
     Corrupter,
     FeatureTowers,
+    Settings,
+    _batch,
     _partners,
     _present,
     caption_features,
+    eval_loss,
     evaluate_four,
 )
 from benchmarks.av_digits_report import ARMS
@@ -49,6 +52,53 @@ def test_towers_embed_each_modality_on_the_unit_sphere() -> None:
     for emb in out.values():
         assert emb.shape == (5, 8)
         assert torch.allclose(emb.norm(dim=-1), torch.ones(5), atol=1e-5)
+
+
+def _split(n: int, present: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(n)
+    return {
+        "digit": torch.arange(n) % 10,
+        "image": torch.rand(n, 12, generator=gen),
+        "audio": torch.rand(n, 20, generator=gen),
+        "audio2": torch.rand(n, 20, generator=gen),
+        "present": present if present is not None else torch.ones(n, 3, dtype=torch.bool),
+    }
+
+
+def test_batch_captions_each_clip_by_its_digit_and_masks_missing_modalities() -> None:
+    present = torch.tensor([[True, False, True], [False, True, True], [True, True, False]])
+    data, captions = _split(3, present), torch.rand(10, 2, 7)
+    idx, template = torch.tensor([2, 0]), torch.tensor([1, 0])
+    inputs, mask = _batch(data, idx, template, captions, four=False)
+    assert mask is None
+    assert set(inputs) == {"text", "video", "audio"}
+    assert torch.equal(inputs["text"], torch.stack([captions[2, 1], captions[0, 0]]))
+    inputs, mask = _batch(data, idx, template, captions, four=True)
+    assert torch.equal(inputs["audio2"], data["audio2"][idx])
+    assert mask is not None
+    assert mask.tolist() == [[True, True, True, False], [True, True, False, True]]
+
+
+def test_eval_loss_is_repeatable_and_leaves_training_untouched() -> None:
+    from gram.loss import build_loss
+
+    torch.manual_seed(0)
+    dims = {"text": 7, "video": 12, "audio": 20, "audio2": 20}
+    towers = FeatureTowers(dims, hidden=16, embed_dim=8)
+    loss = build_loss(kind="gram")
+    data, captions = _split(23), torch.rand(10, 3, 7)
+    weights = {k: t.clone() for k, t in towers.state_dict().items()}
+    rng = torch.get_rng_state()
+    s = Settings(batch_size=5)
+    first = eval_loss(towers, loss, data, captions, s, four=False)
+    assert eval_loss(towers, loss, data, captions, s, four=False) == first
+    assert torch.equal(torch.get_rng_state(), rng)  # the training run's draws are unchanged
+    assert towers.training
+    for k, t in towers.state_dict().items():
+        assert torch.equal(t, weights[k])
+    assert first != eval_loss(towers, loss, data, captions, Settings(batch_size=4), four=False)
+    masked = _split(23, torch.rand(23, 3, generator=torch.Generator().manual_seed(1)) > 0.3)
+    assert eval_loss(towers, loss, masked, captions, s, four=True) > 0
 
 
 def test_every_arm_has_a_loss_and_the_ladder_gets_harsher() -> None:
