@@ -1,6 +1,6 @@
 """AV-digits on fixed features: the GRAM-against-cosine comparison, trained much further.
 
-    PYTHONPATH=. python benchmarks/av_digits_features.py            # full run, ~28 minutes
+    PYTHONPATH=. python benchmarks/av_digits_features.py            # full run, ~30 minutes
     PYTHONPATH=. python benchmarks/av_digits_features.py --quick    # smoke run (CI)
 
 `benchmarks/av_digits.py` trains the `tiny` towers end to end through the training job;
@@ -686,7 +686,8 @@ def _curves(
 
 
 def _test_loss_table(runs: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per arm, the plateau test on the test loss (signed change, per seed)."""
+    """Markdown: per arm, the plateau test on the test loss (signed change per seed, in
+    bold when outside the tolerance)."""
     lines = [
         "| arm | test loss (mean of last 20 %) | change vs the 20 % before, per seed "
         "| within the tolerance |",
@@ -696,21 +697,19 @@ def _test_loss_table(runs: Sequence[dict[str, Any]]) -> str:
         group = sorted((r for r in runs if r["arm"] == arm), key=lambda r: int(r["seed"]))
         if not group:
             continue
-        finals = []
-        changes = []
+        finals, changes = [], []
         for r in group:
             values = [v for _, v in r["test_curve"]]
             fifth = max(1, len(values) // 5)
-            last, before = (
-                statistics.fmean(values[-fifth:]),
-                statistics.fmean(values[-2 * fifth : -fifth]),
-            )
+            last = statistics.fmean(values[-fifth:])
+            before = statistics.fmean(values[-2 * fifth : -fifth])
             finals.append(last)
-            changes.append(100 * (last - before) / before)
+            change = f"{100 * (last - before) / before:+.2f} %"
+            changes.append(change if r["test_loss_converged"] else f"**{change}**")
         ok = sum(bool(r["test_loss_converged"]) for r in group)
         lines.append(
-            f"| {ARMS[arm]} | {statistics.fmean(finals):.3f} "
-            f"| {', '.join(f'{c:+.2f} %' for c in changes)} | {ok} of {len(group)} |"
+            f"| {ARMS[arm]} | {statistics.fmean(finals):.3f} | {', '.join(changes)} "
+            f"| {ok} of {len(group)} |"
         )
     return "\n".join(lines) + "\n"
 
