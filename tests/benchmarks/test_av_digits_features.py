@@ -145,12 +145,15 @@ def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     ):
         assert heading in doc
     for label in ARMS.values():
-        # three modalities: convergence + 2 test sets x 2 tables; four: 2 test sets + convergence
-        assert doc.count(f"| {label} |") == 8, label
+        # three modalities: 2 convergence tables (training and test loss) + 2 test sets x 2
+        # tables; four: 2 test sets + 2 convergence tables
+        assert doc.count(f"| {label} |") == 10, label
     for png in (
         "av_digits_features_loss.png",
+        "av_digits_features_test_loss.png",
         "av_digits_features_accuracy.png",
         "av_digits_features_four_loss.png",
+        "av_digits_features_four_test_loss.png",
     ):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
@@ -158,6 +161,9 @@ def test_quick_run_end_to_end(shared_data: Path, tmp_path: Path) -> None:
     assert set(runs) == set(ARMS)
     assert runs["gram"]["steps"] == 60
     assert runs["finetune_gram"]["steps"] == 30
+    # the test loss is measured TEST_LOSS_POINTS times, or every step in shorter runs
+    assert [step for step, _ in runs["gram"]["test_curve"]] == list(range(1, 61))
+    assert [step for step, _ in runs["finetune_gram"]["test_curve"]] == list(range(1, 31))
     assert all(set(r["metrics"]) == {"official", "holdout"} for r in runs.values())
     assert len(results["calibration"]) == 1
     four = {r["arm"]: r for r in results["four_runs"]}
