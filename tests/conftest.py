@@ -10,22 +10,35 @@
   project) when present; tests that need it skip otherwise.
 - `small_clips`: eight tiny generated clips and their `captions.jsonl`, the raw input of
   the tests that run whole jobs from the command line.
+
+Every test starts from the same global random state (`random`, numpy, torch), so its
+draws do not depend on which tests ran before it.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from pipelines.synthetic import make_demo_dataset
 from tests.support.services import MlflowServer, RayCluster, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GRAM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")
