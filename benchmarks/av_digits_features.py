@@ -32,7 +32,7 @@ benchmark.
    modality alone scores at most 75 % zero-shot and both together at least 10 points
    more (official split, mean over the seeds) is used. No other arm is trained first.
 2. Every arm x seed, the plateau test of every run on its training loss and on its loss
-   over the official test split (`eval_loss`, measured `TEST_LOSS_POINTS` times a run,
+   over the official test split (`eval_loss`, measured `test_loss_points` times a run,
    reported only), both test tables by every scoring rule, paired per-seed
    differences, plots and `results.json` in `--out`.
 3. Every arm again with four modalities (a second recording of the digit), each data
@@ -123,10 +123,6 @@ MISSING = 1 / 3
 """In the four-modality runs, the chance that a sample lacks each of video, audio and the
 second audio view (training and test alike; a sample keeps at least one)."""
 
-TEST_LOSS_POINTS = 40
-"""How often a run measures its loss on the official test split (`eval_loss`): this many
-times, evenly spaced in steps."""
-
 PARENTS = {"finetune_gram": "cosine_anchor", "finetune_cosine": "cosine_anchor"}
 """Fine-tuning arms and the arm (same seed) whose weights they start from."""
 
@@ -148,7 +144,8 @@ class Settings:
     Steps are optimizer steps of `batch_size` clips; `lr` is AdamW's peak (10 % linear
     warmup, cosine decay to 0); `hidden` and `embed_dim` size the towers; takes are
     [first, last) FSDD take numbers; `draws` corruption draws of every training clip;
-    the four-modality arms run on the first `four_seeds` seeds.
+    the four-modality arms run on the first `four_seeds` seeds; each run measures its loss
+    on the official test split `test_loss_points` times, evenly spaced in steps.
     """
 
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
@@ -163,6 +160,7 @@ class Settings:
     test_takes: tuple[int, int] = (0, 5)
     draws: int = 20
     four_seeds: int = 3
+    test_loss_points: int = 40
 
 
 # --- features --------------------------------------------------------------------------------
@@ -473,7 +471,7 @@ def train_run(
     gen = torch.Generator().manual_seed(seed)
     n = train["digit"].shape[0]
     order = torch.randperm(n, generator=gen)
-    every = max(1, steps // TEST_LOSS_POINTS)
+    every = max(1, steps // s.test_loss_points)
     curve: list[float] = []
     test_curve: list[tuple[int, float]] = []
     for step in range(steps):
@@ -777,7 +775,7 @@ def write_report(
         f"- Converged: the mean training loss over the last 20 % of a run's steps within "
         f"{100 * PLATEAU_TOLERANCE:g} % of the mean over the 20 % before; {converged} of "
         f"{len(runs)} runs converged. The same test on the loss over the official test split "
-        f"(measured {TEST_LOSS_POINTS} times per run, `eval_loss`; for this report only, "
+        f"(measured {s.test_loss_points} times per run, `eval_loss`; for this report only, "
         f"nothing is chosen by it): {test_converged} of {len(runs)} runs within "
         f"{100 * PLATEAU_TOLERANCE:g} %.",
         f"- Runtime: {seconds / 60:.1f} min on {multiprocessing.cpu_count()} CPUs.",
@@ -859,7 +857,9 @@ def write_report(
     return path
 
 
-QUICK = Settings(seeds=(0,), steps=60, finetune_steps=30, draws=2, train_takes=(5, 7))
+QUICK = Settings(
+    seeds=(0,), steps=60, finetune_steps=30, draws=2, train_takes=(5, 7), test_loss_points=5
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
