@@ -96,6 +96,7 @@ from benchmarks.av_digits_report import (
     plateau,
     plot_accuracy,
     plot_curves,
+    signed_change,
     table,
 )
 from gram.classification import class_embeddings, zero_shot_classify
@@ -698,11 +699,8 @@ def _test_loss_table(runs: Sequence[dict[str, Any]]) -> str:
         finals, changes = [], []
         for r in group:
             values = [v for _, v in r["test_curve"]]
-            fifth = max(1, len(values) // 5)
-            last = statistics.fmean(values[-fifth:])
-            before = statistics.fmean(values[-2 * fifth : -fifth])
-            finals.append(last)
-            change = f"{100 * (last - before) / before:+.2f} %"
+            finals.append(statistics.fmean(values[-max(1, len(values) // 5) :]))
+            change = f"{100 * signed_change(values):+.2f} %"
             changes.append(change if r["test_loss_converged"] else f"**{change}**")
         ok = sum(bool(r["test_loss_converged"]) for r in group)
         lines.append(

@@ -96,15 +96,20 @@ PLATEAU_TOLERANCE = 0.01
 this fraction of the mean over the 20 % before them."""
 
 
-def plateau(losses: Sequence[float]) -> tuple[float, bool]:
-    """(relative change of the mean loss from the second-to-last to the last fifth of the
-    steps, whether it is within `PLATEAU_TOLERANCE`). `losses`: evenly spaced in steps."""
+def signed_change(losses: Sequence[float]) -> float:
+    """Relative change of the mean loss from the second-to-last to the last fifth of the
+    steps (negative: still falling; nan under five values). `losses`: evenly spaced."""
     fifth = len(losses) // 5
     if fifth < 1:
-        return float("nan"), False
+        return float("nan")
     last = statistics.fmean(losses[-fifth:])
     before = statistics.fmean(losses[-2 * fifth : -fifth])
-    change = abs(last - before) / abs(before)
+    return (last - before) / abs(before)
+
+
+def plateau(losses: Sequence[float]) -> tuple[float, bool]:
+    """(|`signed_change`|, whether it is within `PLATEAU_TOLERANCE`)."""
+    change = abs(signed_change(losses))
     return change, change <= PLATEAU_TOLERANCE
 
 
