@@ -32,6 +32,8 @@ from tests.support.services import MlflowServer, RayCluster, S3Server
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GRAM_SHARED_DATA", REPO.parent / "shared" / "data"))
+RAY_GROUP = "ray-cluster"
+"""The `xdist_group` of every test on the session's Ray cluster."""
 
 
 @pytest.fixture(autouse=True)
@@ -122,10 +124,26 @@ def small_clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Every test on the session's Ray cluster goes to one test process (`make test` runs
     `pytest -n 2 --dist loadgroup`): one cluster of 2 CPUs, never two Ray Train runs at once;
-    the other tests run in the second process meanwhile."""
+    the other tests run in the second process meanwhile. First among the hooks, so that
+    pytest-xdist's own hook (which names each test's group in its id) sees the mark."""
     for item in items:
         if {"ray_cluster", "ray_session"} & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("ray-cluster"))
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """In a `--dist loadgroup` test process, a Ray-cluster test fails unless pytest-xdist put it
+    in its group (it adds `@group` to the test's id; with a pytest it does not fit it adds
+    nothing, and the group's tests run in every process at once)."""
+    grouped = item.get_closest_marker("xdist_group") is None or "@" in item.nodeid
+    if getattr(item.config.option, "loadgroup", False) and not grouped:
+        pytest.fail(
+            f"pytest-xdist did not group this test under pytest {pytest.__version__}: the "
+            "Ray-cluster tests would run in both test processes at once; install the pytest "
+            "that pyproject.toml allows (`make setup`)",
+            pytrace=False,
+        )
