@@ -12,7 +12,7 @@ PYTEST_WORKERS ?= 2
 help:
 	@echo "make demo       set up, then run the whole pipeline end to end on local Ray + sqlite MLflow"
 	@echo "make test       set up, then lint, type-check and run the test suite (every behaviour, small sizes;"
-	@echo "                two test processes; about 18 minutes on 2 cores)"
+	@echo "                two test processes; about 18 minutes of tests on 2 cores)"
 	@echo "make test-slow  the long load and soak runs of tests/load (about 2 minutes on 2 cores):"
 	@echo "                2,000 clips preprocessed, driver memory growing < 150 MiB after 30% of the run;"
 	@echo "                2,000 training steps, rank-0 memory growing < 40 MiB, throughput > 60% of its start"
