@@ -1,1 +1,1 @@
-"""The training job's parts: the Ray Train loop, checkpoints, and MLflow tracking."""
+"""The training job's parts: its config, the Ray Train loop, checkpoints, and MLflow tracking."""

@@ -38,6 +38,7 @@ __all__ = [
     "Progress",
     "data_layout",
     "download_checkpoint",
+    "latest_run_id",
     "load_trainer_state",
     "persist_checkpoint",
     "restore_checkpoint",
@@ -164,6 +165,15 @@ def run_checkpoints(run_dir: str, s3: S3Config) -> list[str]:
     folders = {storage.parent(f.uri) for f in files if f.uri.endswith("/state.json")}
     mine = [f for f in folders if storage.parent(f) == base]
     return sorted(f for f in mine if f.rsplit("/", 1)[-1].startswith(CHECKPOINT_PREFIX))
+
+
+def latest_run_id(run_dir: str, s3: S3Config) -> str:
+    """The MLflow run id recorded by the latest checkpoint of a run; empty when it has none."""
+    saved = run_checkpoints(run_dir, s3)
+    if not saved:
+        return ""
+    state = json.loads(storage.read_bytes(storage.join(saved[-1], "state.json"), s3=s3))
+    return str(state["progress"]["mlflow_run_id"])
 
 
 def persist_checkpoint(folder: Path, run_dir: str, keep: int, s3: S3Config) -> str:

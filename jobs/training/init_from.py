@@ -20,7 +20,6 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,10 +29,8 @@ from gram.model_config import model_config
 from gram.warm_start import check_warm_start, warm_start
 from gram.weights import read_metadata, read_state_dict
 from jobs.registry.models import MODEL_URI_PREFIX, resolve_model
+from jobs.training.config import TrainConfig
 from pipelines.storage import S3Config
-
-if TYPE_CHECKING:  # jobs.train imports this module
-    from jobs.train import TrainConfig
 
 __all__ = ["InitSource", "init_weights", "lineage_tags", "resolve_init_source"]
 

@@ -12,14 +12,9 @@ prints progress; every rank reports to Ray Train every `report_every_steps` step
 report can block ~2 s). `TrainCallback`s see every rank start, step and finish (the job
 adds `SampleAudit` when `data.audit_dir` is set).
 
-The job and the loop. `jobs/train.py` declares `TrainConfig` and hands this module's
-`train_loop_per_worker` to Ray Train, so the job file imports this module. This module
-never imports the job file while it is being imported: the worker receives the config as a
-plain dict (what Ray ships to every worker and what a checkpoint records) and rebuilds the
-typed `TrainConfig` only when the loop starts, importing `jobs.train` then (for the type
-checker, under TYPE_CHECKING). Neither module needs the other to be imported first, and the
-config class never has to be pickled, which matters when the job runs as
-`python -m jobs.train` and its classes live in `__main__`.
+The loop receives the config as a plain dict (what Ray ships to every worker and what a
+checkpoint records) and rebuilds the typed `TrainConfig` of jobs/training/config.py, so the
+config class never has to be pickled.
 """
 
 from __future__ import annotations
@@ -35,7 +30,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
@@ -67,12 +62,10 @@ from jobs.training.checkpoints import (
     run_checkpoints,
     save_checkpoint_dir,
 )
+from jobs.training.config import TrainConfig
 from jobs.training.init_from import InitSource, init_weights
 from jobs.training.tracking import Tracker
 from pipelines import storage
-
-if TYPE_CHECKING:
-    from jobs.train import TrainConfig
 
 __all__ = ["RunPlan", "SampleAudit", "TrainCallback", "TrainLoop", "train_loop_per_worker"]
 
@@ -151,8 +144,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     "plan": RunPlan, "settings": the driver's JobSettings (MLflow and S3, credentials
     included: handed over with the work, never via a runtime env), "callbacks":
     [TrainCallback]}. The rank runs with the settings applied, as the driver does."""
-    from jobs.train import TrainConfig  # the job file imports this module: see the docstring
-
     settings: JobSettings = payload["settings"]
     cfg = from_dict(TrainConfig, payload["config"])
     with settings.applied():
