@@ -20,8 +20,9 @@ from PIL import Image
 
 from gram.shards import ShardInfo
 from jobs.common.contact_sheet import retrieval_rows
-from jobs.inspect import read_output, sheet_entries
+from jobs.inspect import sheet_entries
 from pipelines.config import PreprocessConfig
+from pipelines.output import read_output
 from pipelines.preprocess import preprocess
 from pipelines.samples_to_shards import write_sample_shards
 from pipelines.storage import S3Config
