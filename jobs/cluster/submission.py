@@ -1,9 +1,8 @@
 """What `gram submit` sends to a cluster, and the checks before anything is sent.
 
-`prepare()` turns the submit job's config (`jobs.submit.SubmitConfig`, typed here for the
-checker only: the job file imports this module, never the reverse) into a `Submission`,
-refusing anything that would put a credential where the dashboard shows it (entrypoint,
-metadata, runtime env, submission id).
+`prepare()` turns the submit job's config (`jobs.cluster.submit_config.SubmitConfig`) into
+a `Submission`, refusing anything that would put a credential where the dashboard shows it
+(entrypoint, metadata, runtime env, submission id).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gram.config import read_config_file
 from jobs.cluster.jobs_api import (
@@ -30,10 +29,8 @@ from jobs.cluster.jobs_api import (
     resolve_address,
 )
 from jobs.cluster.secrets import REDACTED, SECRET_ENV_VARS, is_secret_name
+from jobs.cluster.submit_config import SubmitConfig
 from jobs.common.git import git_commit
-
-if TYPE_CHECKING:
-    from jobs.submit import SubmitConfig
 
 __all__ = [
     "DEFAULT_EXCLUDES",

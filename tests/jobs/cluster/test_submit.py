@@ -23,7 +23,8 @@ import pytest
 from gram.config import ConfigError
 from jobs.cluster.jobs_api import EXIT_CLUSTER, EXIT_USAGE, JobsApiError, connect, find_token
 from jobs.cluster.submission import DEFAULT_EXCLUDES, prepare
-from jobs.submit import SubmitConfig, build_parser, config_from_args, main, run
+from jobs.cluster.submit_config import SubmitConfig, build_parser, config_from_args
+from jobs.submit import main, run
 
 REPO = Path(__file__).resolve().parents[3]
 NONCE = "probe-nonce-5d1e0c"
