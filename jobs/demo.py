@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from gram.config import ConfigError, config_hash, from_dict, to_dict
+from jobs.common.demo_report import print_summary
 from jobs.common.entry import EXIT_OK, job_main
+from jobs.common.step_markers import StepMarkers
 from pipelines.synthetic import demo_clips, make_clip, write_jsonl
 
 __all__ = ["DemoConfig", "DemoSteps", "main", "run"]
@@ -65,7 +67,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     checkpoint = steps.train(shards, to_dict(cfg))
     report = steps.evaluate(checkpoint, shards["eval"])
     registry = steps.register_and_promote(checkpoint, shards["eval"], cfg.min_volume_r1)
-    return steps.summary(report, registry, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return print_summary(steps.root, steps.tracking_uri, report, registry, seconds)
 
 
 MODEL_NAME = "gram-demo"
@@ -88,30 +91,13 @@ class DemoSteps:
 
     def __init__(self, root: Path, settings: str) -> None:
         self.root = root
-        self.settings = settings
+        self.markers = StepMarkers(root, settings, label="demo")
         self.tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
         root.mkdir(parents=True, exist_ok=True)
 
-    def _done(self, step: str, extra: str = "") -> dict[str, Any] | None:
-        marker = self.root / ".done" / f"{step}.json"
-        if not marker.is_file():
-            return None
-        data: dict[str, Any] = json.loads(marker.read_text())
-        if data.get("settings") != self.settings + extra:
-            return None
-        print(f"[demo] {step}: already done, reusing {data.get('what', '')}", flush=True)
-        return data
-
-    def _finish(self, step: str, result: dict[str, Any], extra: str = "") -> dict[str, Any]:
-        folder = self.root / ".done"
-        folder.mkdir(exist_ok=True)
-        data = {**result, "settings": self.settings + extra}
-        (folder / f"{step}.json").write_text(json.dumps(data, indent=2))
-        return data
-
     def make_clips(self) -> dict[str, str]:
         """The clip renderings and their caption manifests -> {rendering: manifest path}."""
-        if (done := self._done("clips")) is not None:
+        if (done := self.markers.done("clips")) is not None:
             return dict(done["manifests"])
         print("[demo] 1/5 making tri-modal clips with ffmpeg ...", flush=True)
         jobs = []
@@ -128,11 +114,8 @@ class DemoSteps:
         with ThreadPoolExecutor(max_workers=2) as pool:
             list(pool.map(lambda job: make_clip(*job), jobs))
         print(f"[demo]     {len(jobs)} clips in {self.root / 'clips'}", flush=True)
-        return dict(
-            self._finish("clips", {"manifests": manifests, "what": f"{len(jobs)} clips"})[
-                "manifests"
-            ]
-        )
+        self.markers.finish("clips", {"manifests": manifests, "what": f"{len(jobs)} clips"})
+        return manifests
 
     def preprocess(self, manifests: dict[str, str]) -> dict[str, str]:
         """Shards of the training renderings and of the evaluation rendering."""
@@ -140,7 +123,7 @@ class DemoSteps:
         from jobs.train import connect_for_training
         from pipelines.config import PreprocessConfig
 
-        if (done := self._done("shards")) is not None:
+        if (done := self.markers.done("shards")) is not None:
             return dict(done["shards"])
         print("[demo] 2/5 preprocessing (one Ray task per shard) ...", flush=True)
         connect_for_training()  # one local Ray for every step
@@ -172,16 +155,15 @@ class DemoSteps:
                 f"[demo]     {split}: {summary.ok} ok, {summary.failed} failed -> {shards[split]}",
                 flush=True,
             )
-        return dict(
-            self._finish("shards", {"shards": shards, "what": str(self.root / "shards")})["shards"]
-        )
+        self.markers.finish("shards", {"shards": shards, "what": str(self.root / "shards")})
+        return shards
 
     def train(self, shards: dict[str, str], demo: dict[str, Any]) -> str:
         """Train with 2 Ray Train workers; returns the final checkpoint folder."""
         from jobs.train import TrainConfig
         from jobs.train import run as train_run
 
-        if (done := self._done("train")) is not None:
+        if (done := self.markers.done("train")) is not None:
             return str(done["checkpoint"])
         print("[demo] 3/5 training with Ray Train ...", flush=True)
         cfg = from_dict(
@@ -207,16 +189,11 @@ class DemoSteps:
             },
         )
         result = train_run(cfg)
-        return str(
-            self._finish(
-                "train",
-                {
-                    "checkpoint": result.checkpoint_uri,
-                    "run_id": result.mlflow_run_id,
-                    "what": result.checkpoint_uri,
-                },
-            )["checkpoint"]
+        uri = result.checkpoint_uri
+        self.markers.finish(
+            "train", {"checkpoint": uri, "run_id": result.mlflow_run_id, "what": uri}
         )
+        return uri
 
     def _eval_config(self, shards: str) -> dict[str, Any]:
         return {"shards": shards, "classification": CLASSIFICATION}
@@ -226,7 +203,7 @@ class DemoSteps:
         from jobs.evaluate import EvaluateConfig
         from jobs.evaluate import run as evaluate_run
 
-        if (done := self._done("evaluate", checkpoint)) is not None:
+        if (done := self.markers.done("evaluate", checkpoint)) is not None:
             return dict(done["report"])
         print("[demo] 4/5 evaluating (volume vs cosine retrieval, zero-shot classification) ...")
         cfg = from_dict(
@@ -245,11 +222,8 @@ class DemoSteps:
             "run_id": run_id,
             "folder": str(self.root / "evaluation"),
         }
-        return dict(
-            self._finish("evaluate", {"report": report, "what": report["folder"]}, checkpoint)[
-                "report"
-            ]
-        )
+        self.markers.finish("evaluate", {"report": report, "what": report["folder"]}, checkpoint)
+        return report
 
     def register_and_promote(self, checkpoint: str, shards: str, floor: float) -> dict[str, Any]:
         """Register the checkpoint (alias candidate) and promote it through the gate."""
@@ -258,7 +232,7 @@ class DemoSteps:
         from jobs.register import RegisterConfig
         from jobs.register import run as register_run
 
-        if (done := self._done("registry", checkpoint)) is not None:
+        if (done := self.markers.done("registry", checkpoint)) is not None:
             return dict(done["registry"])
         print("[demo] 5/5 registering and promoting in the MLflow registry ...", flush=True)
         tracking = {"tracking_uri": self.tracking_uri, "experiment": "gram-demo"}
@@ -288,66 +262,9 @@ class DemoSteps:
             "champion": outcome.champion_after,
             "reasons": list(outcome.decision.reasons) if outcome.decision else [],
         }
-        return dict(
-            self._finish(
-                "registry", {"registry": registry, "what": f"version {version}"}, checkpoint
-            )["registry"]
-        )
-
-    def summary(
-        self, report: dict[str, Any], registry: dict[str, Any], seconds: float
-    ) -> dict[str, Any]:
-        """Print where everything is and how GRAM's volume compares with cosine; return it."""
-        m = report["metrics"]
-        n = int(m.get("num_items", 0))
-        rows = [
-            ("GRAM volume, text -> (video+audio)", "volume_t2i"),
-            ("cosine, text -> video", "cosine_video_t2i"),
-            ("cosine, text -> audio", "cosine_audio_t2i"),
-        ]
-        print(f"\n== gram-ray demo done in {seconds / 60:.1f} min ==")
-        captions = int(m.get("num_captions", 0))
-        print(f"Retrieval on {n} held-out clips ({captions} captions), R@1 / R@5 / R@10 in %:")
-        for label, key in rows:
-            values = " / ".join(f"{m.get(f'{key}_r{k}', float('nan')):5.1f}" for k in (1, 5, 10))
-            print(f"  {label:<36} {values}")
-        if n:
-            chance = " / ".join(f"{100 * min(k, n) / n:5.1f}" for k in (1, 5, 10))
-            print(f"  {'chance':<36} {chance}")
-        if "zeroshot_top1" in m:
-            print(
-                f"Zero-shot classification, {int(m.get('zeroshot_num_classes', 0))} colour x sound "
-                f"classes, top-1: volume {m['zeroshot_top1']:.1f}%, cosine video "
-                f"{m.get('zeroshot_cosine_video_top1', float('nan')):.1f}%, cosine audio "
-                f"{m.get('zeroshot_cosine_audio_top1', float('nan')):.1f}%"
-            )
-        verdict = (
-            "promoted to champion"
-            if registry["promoted"]
-            else "NOT promoted: " + "; ".join(registry["reasons"])
-        )
-        print(f"Registry: models:/{registry['name']}/{registry['version']} {verdict}")
-        db = self.tracking_uri.removeprefix("sqlite:///")
-        print("Where things are:")
-        for label, where in (
-            ("clips", self.root / "clips"),
-            ("shards", self.root / "shards"),
-            ("checkpoints", self.root / "runs" / "demo"),
-            ("report", Path(report["folder"]) / "report.json"),
-            ("MLflow", self.tracking_uri),
-        ):
-            print(f"  {label:<12} {where}")
-        print(f"Open the MLflow UI:  mlflow ui --backend-store-uri sqlite:///{db} --port 5000")
-        print(
-            f"Serve the champion:  MLFLOW_TRACKING_URI={self.tracking_uri} mlflow models serve "
-            f"-m models:/{registry['name']}@champion --env-manager local --port 5001"
-        )
-        return {
-            "seconds": seconds,
-            "metrics": m,
-            "registry": registry,
-            "tracking_uri": self.tracking_uri,
-        }
+        what = f"version {version}"
+        self.markers.finish("registry", {"registry": registry, "what": what}, checkpoint)
+        return registry
 
 
 def _run(cfg: DemoConfig) -> int:
