@@ -12,9 +12,9 @@ metadata; a run that stopped before its index (too many failures) from its manif
 
 The summary (`pipelines.output.summary_lines`) counts inputs by status and failure reason
 (with an example error each), shows duration and frame-rate histograms of the ok inputs,
-and counts missing modalities. The sheet (`--out`, PNG) draws `--samples` inputs picked at random
-(`--seed`) from the manifest, in input order: frames, log-mel spectrogram, caption,
-status; a failed input is drawn as such, with its reason. Exit status: 0 done,
+and counts missing modalities. The sheet (`--out`, PNG) draws `--samples` inputs picked
+at random (`--seed`) from the manifest, in input order: frames, log-mel spectrogram,
+caption, status; a failed input is drawn as such, with its reason. Exit status: 0 done,
 2 configuration error or no preprocessing output at SHARDS.
 """
 

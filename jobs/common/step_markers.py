@@ -1,6 +1,6 @@
 """Markers of finished steps, so that re-running a multi-step job reuses what is done.
 
-    markers = StepMarkers(root, settings=config_hash(cfg))
+    markers = StepMarkers(root, settings=config_hash(cfg), label="demo")
     if (done := markers.done("train")) is not None:
         return done["checkpoint"]
     ...
