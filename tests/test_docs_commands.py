@@ -173,6 +173,8 @@ COMMANDS: dict[str, Run | NotHere] = {
     "checkpoint.init_from=demo-output/runs/cos/checkpoint_...": Run(
         expect=("starting from the weights of",)
     ),
+    "gram evaluate model=demo-output/runs/gram-ft/checkpoint_... eval.shards=shards/eval "
+    "baseline=source eval.parallel.local=true": Run(expect=("against the baseline /",)),
     "gram train --config jobs/configs/train.yaml name=av-from-champion "
     "checkpoint.init_from=models:/gram@champion 'checkpoint.init_modules=[video, audio]'": Run(
         expect=("starting from the weights of models:/gram/",)

@@ -74,6 +74,7 @@ __all__ = [
     "evaluate_files",
     "score",
     "sign_warnings",
+    "write_report",
 ]
 
 log = logging.getLogger(__name__)
@@ -470,6 +471,12 @@ def _pictures(report: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def write_report(report: dict[str, Any], path: Path) -> Path:
+    """Write `report` as JSON (secrets scrubbed, no NaN) to `path`; returns `path`."""
+    path.write_text(scrub(json.dumps(report, indent=2, sort_keys=False, allow_nan=False)) + "\n")
+    return path
+
+
 def evaluate_files(
     files: ModelFiles, config: EvalConfig, s3: S3Config, out_dir: Path
 ) -> EvaluationResult:
@@ -521,7 +528,6 @@ def evaluate_files(
     pictures.append(top_retrievals(emb, eval_set.shards, s3, out_dir / "top5_retrievals.png"))
     report["pictures"] = [p.name for p in pictures]
     report["seconds"] = round(time.perf_counter() - start, 2)
-    path = out_dir / "report.json"
-    path.write_text(scrub(json.dumps(report, indent=2, sort_keys=False, allow_nan=False)) + "\n")
+    path = write_report(report, out_dir / "report.json")
     finite = {k: v for k, v in metrics.items() if math.isfinite(v)}
     return EvaluationResult(finite, report, pictures, ident, path)

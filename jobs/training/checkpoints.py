@@ -7,6 +7,9 @@ A checkpoint is a folder:
     state.json         the same counters, human-readable, plus the full job config
                        (secrets redacted); written last, so its presence marks a complete one
 
+The weights' metadata holds the step and, for a run started with `checkpoint.init_from`,
+the pinned source (`INIT_FROM_KEY`), so a registered copy of the weights still names it.
+
 A run keeps its checkpoints in `<checkpoint.storage>/<name>/checkpoint_<UTC time>/`, oldest
 first by name (`run_checkpoints`), local or on S3. `Progress` is where training stands, and
 `data_layout` / `resume_position` decide whether a resumed run may keep its place in an epoch.
@@ -35,6 +38,7 @@ from pipelines.storage import S3Config
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "INIT_FROM_KEY",
     "Progress",
     "data_layout",
     "download_checkpoint",
@@ -47,6 +51,9 @@ __all__ = [
     "save_checkpoint_dir",
     "storage_filesystem",
 ]
+
+INIT_FROM_KEY = "init_from"
+"""Weights metadata: the model a `checkpoint.init_from` run started from (its pinned URI)."""
 
 
 @dataclass
@@ -105,9 +112,10 @@ def save_checkpoint_dir(
     """Write a complete, resumable checkpoint into `folder`; `config` is the job's config
     dataclass (recorded in state.json with its secrets redacted)."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(
-        folder / "model.safetensors", model, loss, metadata={"step": str(progress.step)}
-    )
+    metadata = {"step": str(progress.step)}
+    if progress.lineage:
+        metadata[INIT_FROM_KEY] = progress.lineage["pinned"]
+    save_checkpoint(folder / "model.safetensors", model, loss, metadata=metadata)
     state = {
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

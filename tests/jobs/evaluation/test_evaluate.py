@@ -374,3 +374,70 @@ def test_a_tower_pointing_away_from_its_text_is_reported_and_sign_aligned(
     assert metrics["zeroshot_cosine_aligned_video_top1"] == pytest.approx(
         good["zeroshot_cosine_aligned_video_top1"]
     )
+
+
+def test_a_model_is_compared_with_the_model_it_started_from(
+    tmp_path, capsys, checkpoints, eval_shards, local_result
+):
+    """`baseline=source` on weights that record `checkpoints.good` as their source (the
+    untrained model stands in for a fine-tune gone wrong): the source is evaluated on the
+    same set, every compared metric is printed and stored before and after, and exactly
+    the metrics that fell by more than `drift_points` are warned about."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from jobs import evaluate
+    from jobs.evaluation.baseline import metric_label
+    from jobs.training.checkpoints import INIT_FROM_KEY
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(checkpoints.untrained, tuned)
+    weights = tuned / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        header = dict(f.metadata())
+    save_file(
+        load_file(str(weights)),
+        str(weights),
+        metadata={**header, INIT_FROM_KEY: str(checkpoints.good)},
+    )
+
+    def args(model: Path, out: str, *extra: str) -> list[str]:
+        return [
+            f"model={model}",
+            f"eval.shards={eval_shards}",
+            "eval.parallel.local=true",
+            "tracking.enabled=false",
+            f"output={tmp_path / out}",
+            *SYNTHETIC_CLASSES,
+            *extra,
+        ]
+
+    assert evaluate.main(args(tuned, "out", "baseline=source")) == 0
+    out = capsys.readouterr().out
+    assert f"against the baseline {checkpoints.good} (its metrics evaluated):" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    section = report["baseline"]
+    assert section["uri"] == str(checkpoints.good)
+    assert section["drift_points"] == 5.0
+    deltas = {d["metric"]: d for d in section["deltas"]}
+    assert {"volume_t2i_r1", "volume_i2t_r1", "cosine_audio_t2i_r1"} <= set(deltas)
+    assert not [k for k in deltas if "aligned" in k or k.endswith(("_r5", "_medr"))]
+    for key, d in deltas.items():
+        assert d["before"] == pytest.approx(local_result.metrics[key]), key
+        assert d["after"] == pytest.approx(report["metrics"][key]), key
+    fell = {k for k, d in deltas.items() if d["after"] - d["before"] < -5.0}
+    assert "volume_t2i_r1" in fell, "the untrained model is far below the trained one"
+    warned = {k for k in deltas if f"warning: {metric_label(k)} fell" in out}
+    assert warned == fell
+
+    assert (
+        evaluate.main(args(tuned, "out2", f"baseline={checkpoints.good}", "drift_points=100")) == 0
+    )
+    out = capsys.readouterr().out
+    assert "against the baseline" in out
+    assert " fell " not in out
+
+    assert evaluate.main(args(checkpoints.good, "out3", "baseline=source")) == 2
+    assert "records no source model" in capsys.readouterr().err
+    assert evaluate.main(args(tuned, "out4", "drift_points=-1")) == 2
+    assert "drift_points must be >= 0" in capsys.readouterr().err

@@ -14,10 +14,11 @@ from safetensors.torch import load_file
 
 from gram.config import ConfigError, from_dict, load_config
 from gram.synthetic import SyntheticClips
+from gram.weights import read_metadata
 from jobs.train import TrainConfig
 from jobs.train import main as train_main
 from jobs.train import run as train_run
-from jobs.training.checkpoints import load_trainer_state
+from jobs.training.checkpoints import INIT_FROM_KEY, load_trainer_state
 from pipelines.samples_to_shards import write_sample_shards
 from tests.jobs.conftest import checkpoint_of_run, training_run
 
@@ -88,6 +89,8 @@ def test_lr_0_keeps_the_source_weights_counters_restart_and_lineage_is_recorded(
     assert lineage["source_step"] == "120"
     assert lineage["source_run_id"] == "source-run-id"
     assert lineage["modules"] == "all"
+    weights = Path(result.checkpoint_uri) / "model.safetensors"
+    assert read_metadata(weights)[INIT_FROM_KEY] == str(source), "the weights name their source"
 
     client = MlflowClient(uri)
     run = client.get_run(result.mlflow_run_id)
@@ -142,6 +145,8 @@ def test_init_from_a_registered_champion_takes_the_named_towers(
     assert lineage["registered_version"] == version
     assert lineage["source_run_id"] == parent
     assert lineage["modules"] == "video,audio"
+    weights = Path(result.checkpoint_uri) / "model.safetensors"
+    assert read_metadata(weights)[INIT_FROM_KEY] == f"models:/gram-init/{version}"
     tags = client.get_run(result.mlflow_run_id).data.tags
     assert tags["gram.init_from"] == "models:/gram-init@champion"
     assert tags["gram.init_from.registered_model"] == "gram-init"
