@@ -161,41 +161,13 @@ def rollback(cfg: PromoteConfig, settings: JobSettings) -> Outcome:
     return Outcome("rollback", True, restored, before, restored, audit_seq=seq)
 
 
-def report(outcome: Outcome, name: str) -> None:
-    """Print the decision with every check and number."""
-    if outcome.action == "noop":
-        print(outcome.message)
-        return
-    if outcome.action == "rollback":
-        if outcome.passed:
-            print(
-                f"ROLLED BACK {name!r}: champion is version {outcome.champion_after} again "
-                f"(was {outcome.champion_before}); audit entry {outcome.audit_seq}"
-            )
-        else:
-            print(f"ROLLBACK REFUSED: {outcome.message}")
-        return
-    verdict = "PROMOTED" if outcome.passed else "REFUSED"
-    champion = outcome.champion_before or "none"
-    print(
-        f"{verdict} version {outcome.version} of {name!r} (champion before: {champion}, "
-        f"after: {outcome.champion_after or 'none'}) on eval set {outcome.eval_id}; "
-        f"audit entry {outcome.audit_seq}"
-    )
-    if outcome.decision is not None:
-        for check in outcome.decision.checks:
-            print(f"  {check.line()}")
-        if not outcome.passed:
-            print("reason: " + "; ".join(outcome.decision.reasons))
-
-
 def run(cfg: PromoteConfig) -> Outcome:
     """Roll back when `cfg.rollback`, else promote `cfg.version`; print what happened.
     MLflow and S3 are reached as `JobSettings` resolves them, in every step."""
     settings = JobSettings.resolve(cfg.tracking.tracking_uri, cfg.s3)
     with settings.applied():
         outcome = rollback(cfg, settings) if cfg.rollback else promote(cfg, settings)
-    report(outcome, cfg.name)
+    print("\n".join(outcome.lines(cfg.name)))
     return outcome
 
 

@@ -155,7 +155,8 @@ def decide(
 
 @dataclass
 class Outcome:
-    """What a promotion or rollback did (printed by the job; `passed` sets the exit code)."""
+    """What a promotion or rollback did (`lines()`: what the job prints; `passed` sets the
+    exit code)."""
 
     action: str
     passed: bool
@@ -166,6 +167,30 @@ class Outcome:
     decision: Decision | None = None
     message: str = ""
     audit_seq: int = 0
+
+    def lines(self, name: str) -> list[str]:
+        """The decision with every check and number, as the job prints it (`name`: the
+        registered model)."""
+        if self.action == "noop":
+            return [self.message]
+        if self.action == "rollback":
+            if not self.passed:
+                return [f"ROLLBACK REFUSED: {self.message}"]
+            return [
+                f"ROLLED BACK {name!r}: champion is version {self.champion_after} again "
+                f"(was {self.champion_before}); audit entry {self.audit_seq}"
+            ]
+        verdict = "PROMOTED" if self.passed else "REFUSED"
+        out = [
+            f"{verdict} version {self.version} of {name!r} (champion before: "
+            f"{self.champion_before or 'none'}, after: {self.champion_after or 'none'}) on "
+            f"eval set {self.eval_id}; audit entry {self.audit_seq}"
+        ]
+        if self.decision is not None:
+            out += [f"  {check.line()}" for check in self.decision.checks]
+            if not self.passed:
+                out.append("reason: " + "; ".join(self.decision.reasons))
+        return out
 
 
 def _now() -> str:
