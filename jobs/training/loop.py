@@ -217,6 +217,7 @@ class TrainLoop:
         self.eval_loader = self._loader(plan.eval_shards, train=False)  # one for every evaluation
         self.tracker: Tracker | None = None
         self._sheets: tempfile.TemporaryDirectory[str] | None = None
+        self._sheet_due = True
         if self.rank == 0:
             self.tracker = Tracker(
                 cfg.tracking,
@@ -352,8 +353,9 @@ class TrainLoop:
         step = progress.step
         for callback in self.callbacks:
             callback.on_step(self.rank, step, progress.epoch, keys)
-        if step == 1:
-            self._log_first_batch(micro[0])
+        if self._sheet_due:
+            self._sheet_due = False
+            self._log_first_batch(micro[0], resumed=step > 1)
         if step % cfg.log_every_steps == 0 or step == self.plan.total_steps:
             self._log_progress(step)
         if cfg.eval_every_steps and step % cfg.eval_every_steps == 0:
@@ -363,15 +365,17 @@ class TrainLoop:
         elif step % cfg.report_every_steps == 0:
             self.checkpoint(step, self.stats, save=False)
 
-    def _log_first_batch(self, batch: dict[str, Any]) -> None:
-        """Rank 0 of a new run logs a contact sheet of its first batch to MLflow
-        (`inspect/first_batch.png`): what the model sees. Drawing never stops training."""
+    def _log_first_batch(self, batch: dict[str, Any], resumed: bool) -> None:
+        """Rank 0 logs a contact sheet of the run's first batch to MLflow
+        (`inspect/first_batch.png`): what the model sees. A resumed start logs its own first
+        batch only when the run has no sheet yet (the run stopped before it was delivered).
+        Drawing never stops training."""
         if self.tracker is None or not self.cfg.tracking.enabled:
             return
         self._sheets = tempfile.TemporaryDirectory(prefix="gram-sheet-")  # kept until uploaded
         sheet = first_batch_sheet(batch, Path(self._sheets.name))
         if sheet is not None:
-            self.tracker.log_artifact(sheet, "inspect")
+            self.tracker.log_artifact(sheet, "inspect", unless_present=resumed)
 
     def _log_progress(self, step: int) -> None:
         """Loss, temperature, learning rate, throughput and data wait: MLflow and a line.

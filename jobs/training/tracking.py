@@ -159,8 +159,16 @@ class Tracker:
         items = [(k, float(v), now, int(step)) for k, v in metrics.items()]
         self._push(_Op("metrics", items))
 
-    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._push(_Op("artifact", (str(local_path), artifact_path)))
+    def log_artifact(
+        self,
+        local_path: str | Path,
+        artifact_path: str | None = None,
+        *,
+        unless_present: bool = False,
+    ) -> None:
+        """Upload a file under `artifact_path`; with `unless_present`, only when the run has
+        no artifact of that name there yet (checked when it is sent)."""
+        self._push(_Op("artifact", (str(local_path), artifact_path, unless_present)))
 
     def close(
         self,
@@ -302,7 +310,11 @@ class Tracker:
         elif op.kind == "tags":
             client.log_batch(self._run_id, tags=[RunTag(k, v) for k, v in op.payload.items()])
         else:
-            path, artifact_path = op.payload
+            path, artifact_path, unless_present = op.payload
+            if unless_present:
+                target = "/".join(x for x in (artifact_path, Path(path).name) if x)
+                if target in {a.path for a in client.list_artifacts(self._run_id, artifact_path)}:
+                    return
             client.log_artifact(self._run_id, path, artifact_path)
 
     def _refused(self, client: Any, op: _Op, exc: Exception) -> None:

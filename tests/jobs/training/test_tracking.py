@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -39,6 +40,36 @@ def test_local_sqlite_store_records_params_metrics_and_artifacts(tmp_path):
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(range(5))
     assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["report.json"]
     assert (tmp_path / "mlartifacts").is_dir(), "artifacts stay beside the database"
+
+
+def test_an_artifact_logged_unless_present_is_uploaded_once(tmp_path):
+    """What a resumed training start does with its first-batch sheet: the run's sheet is
+    kept when it arrived; a plain log_artifact replaces it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sheets = []
+    for text in ("first", "second", "third"):
+        folder = tmp_path / text
+        folder.mkdir()
+        (folder / "first_batch.png").write_text(text)
+        sheets.append(folder / "first_batch.png")
+    tracker = Tracker(TrackingConfig(tracking_uri=uri, experiment="sheets"), run_name="r")
+    tracker.log_artifact(sheets[0], "inspect", unless_present=True)  # none yet: uploaded
+    tracker.log_artifact(sheets[1], "inspect", unless_present=True)  # present: skipped
+    assert tracker.close()
+    client = MlflowClient(tracking_uri=uri)
+
+    def sheet() -> str:
+        path = client.download_artifacts(tracker.run_id, "inspect/first_batch.png", str(tmp_path))
+        return Path(path).read_text()
+
+    assert [a.path for a in client.list_artifacts(tracker.run_id, "inspect")] == [
+        "inspect/first_batch.png"
+    ]
+    assert sheet() == "first"
+    again = Tracker(TrackingConfig(tracking_uri=uri, experiment="sheets"), run_id=tracker.run_id)
+    again.log_artifact(sheets[2], "inspect")
+    assert again.close()
+    assert sheet() == "third"
 
 
 def test_disabled_tracker_is_a_no_op(tmp_path):
