@@ -14,7 +14,7 @@ a registered version also tags the version with the metrics (`gram.eval.<eval_id
 which is what `jobs.promote` compares.
 
 `baseline=URI` compares with another model on the same eval set (a registered version's
-tags when it was evaluated on it, else it is evaluated too); `baseline=source` with the
+tags when it was evaluated on it, else it is evaluated and tagged); `baseline=source` with the
 model this one was initialised from (`checkpoint.init_from`). Every headline and
 single-modality metric is printed before and after, stored in the report (`baseline`),
 and each that fell by more than `drift_points` is warned about. Exit status: 0 done,
@@ -117,10 +117,10 @@ def run(cfg: EvaluateConfig) -> tuple[EvaluationResult, str]:
             baseline = baseline_metrics(
                 against,
                 cfg.eval,
-                result.eval_id,
                 s3=s3,
                 tracking_uri=tracking_uri,
                 workdir=Path(tmp),
+                experiment=cfg.tracking.experiment if cfg.tracking.enabled else None,
             )
             deltas = compare(result.metrics, baseline.metrics)
             result.report["baseline"] = {
@@ -156,7 +156,7 @@ def run(cfg: EvaluateConfig) -> tuple[EvaluationResult, str]:
             print(f"  {metric_label(key):<42} {result.metrics[key]:6.2f}")
     warnings = sign_warnings(result.report["signs"])
     if baseline is not None:
-        print(f"  against the baseline {baseline.uri} (its metrics {baseline.how}):")
+        print(f"  against the baseline {baseline.uri} (metrics {baseline.how}):")
         for delta in deltas:
             print(f"    {delta.line()}")
         warnings += drift_warnings(deltas, drift_points=cfg.drift_points, baseline=baseline.uri)

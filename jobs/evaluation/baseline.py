@@ -1,7 +1,7 @@
 """Compare an evaluation with a baseline model's on the same eval set, and warn on drift.
 
     uri = baseline_uri("source", files)              # the model `files` was initialised from
-    before = baseline_metrics(uri, config, s3, ...)  # its tags for this eval set, or evaluated
+    before = baseline_metrics(uri, config, ...)      # its tags for this eval set, or evaluated
     deltas = compare(result.metrics, before.metrics)
     warnings = drift_warnings(deltas, drift_points=5.0, baseline=uri)
 
@@ -21,7 +21,8 @@ from typing import Any
 from gram.config import ConfigError
 from gram.weights import read_metadata
 from jobs.evaluation.scoring import EvalConfig, ModelFiles, evaluate_files
-from jobs.registry.models import eval_metrics_of, resolve_model
+from jobs.registry.models import get_version, parse_model_uri, resolve_model
+from jobs.registry.promotion import VersionMetrics
 from jobs.training.checkpoints import INIT_FROM_KEY
 from pipelines.storage import S3Config
 
@@ -86,8 +87,9 @@ class Delta:
 
 @dataclass(frozen=True)
 class Baseline:
-    """The baseline's metrics on the eval set, and where they came from (`how`: `tags` of a
-    registered version already evaluated on this eval id, or `evaluated` now)."""
+    """The baseline's metrics on the eval set and how they were had (`how`: `from its tags`,
+    a registered version already evaluated on this eval id; `evaluated now`; `evaluated
+    now and tagged`)."""
 
     uri: str
     metrics: dict[str, float]
@@ -112,27 +114,34 @@ def baseline_uri(baseline: str, files: ModelFiles) -> str:
 def baseline_metrics(
     uri: str,
     config: EvalConfig,
-    eval_id: str,
     *,
     s3: S3Config,
     tracking_uri: str,
     workdir: Path,
+    experiment: str | None,
 ) -> Baseline:
-    """The metrics of model `uri` on the eval set of `config` (`eval_id`): a registered
-    version's tags when it was evaluated on it, else an evaluation now (its report under
-    `workdir/baseline`)."""
-    files = resolve_model(uri, tracking_uri=tracking_uri, s3=s3, workdir=workdir)
-    if files.registered_name:
+    """The metrics of model `uri` on the eval set of `config`. A registered version: its
+    tags for this eval set, else evaluated now and, when `experiment` is given (tracking
+    on), logged and tagged as a promotion does, so the next comparison or promotion reuses
+    them. A checkpoint: evaluated now. Reports go under `workdir/baseline`."""
+    parsed = parse_model_uri(uri)
+    if parsed is not None:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri)
-        version = client.get_model_version(files.registered_name, files.registered_version)
-        known = eval_metrics_of(version, eval_id)
+        version = get_version(client, *parsed)
+        versions = VersionMetrics(
+            client, config, s3, output=str(workdir / "baseline"), experiment=experiment or ""
+        )
+        known = versions.known(version)
         if known is not None:
-            return Baseline(uri, known, "tags")
+            return Baseline(uri, known, "from its tags")
+        if experiment is not None:
+            return Baseline(uri, versions.metrics(version), "evaluated now and tagged")
     print(f"evaluating the baseline {uri} on {config.shards} ...")
+    files = resolve_model(uri, tracking_uri=tracking_uri, s3=s3, workdir=workdir)
     result = evaluate_files(files, config, s3, workdir / "baseline")
-    return Baseline(uri, result.metrics, "evaluated")
+    return Baseline(uri, result.metrics, "evaluated now")
 
 
 def compare(after: dict[str, float], before: dict[str, float]) -> list[Delta]:

@@ -414,7 +414,7 @@ def test_a_model_is_compared_with_the_model_it_started_from(
 
     assert evaluate.main(args(tuned, "out", "baseline=source")) == 0
     out = capsys.readouterr().out
-    assert f"against the baseline {checkpoints.good} (its metrics evaluated):" in out
+    assert f"against the baseline {checkpoints.good} (metrics evaluated now):" in out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     section = report["baseline"]
     assert section["uri"] == str(checkpoints.good)

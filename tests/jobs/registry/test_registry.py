@@ -29,7 +29,7 @@ from gram.shards import iter_raw_samples
 from gram.synthetic import SyntheticClips
 from gram.volume import volume
 from gram.weights import load_checkpoint
-from jobs import promote, register
+from jobs import evaluate, promote, register
 from jobs.registry.lock import LockConfig, RegistryLock
 from pipelines.config import PreprocessConfig
 from pipelines.inputs import InputItem
@@ -330,6 +330,32 @@ def test_promote_refuses_a_worse_model_and_rolls_back(
         (4, "rollback", v1),
     ]
     assert [e["champion_after"] for e in audit] == [v1, v1, v3, v1]
+
+    # `gram evaluate` against a registered baseline: its tags when it was evaluated on the
+    # eval set (v1, by the promotions), else evaluated, logged and tagged (v2 on eval-b).
+    common = [f"tracking.tracking_uri={url}", "eval.parallel.local=true", *SYNTHETIC_CLASSES]
+    against = [
+        f"model=models:/{name}/{v2}",
+        f"baseline=models:/{name}/{v1}",
+        f"eval.shards={eval_shards}",
+        f"output={tmp_path / 'against-v1'}",
+    ]
+    assert evaluate.main([*against, *common]) == 0
+    out = capsys.readouterr().out
+    assert f"against the baseline models:/{name}/{v1} (metrics from its tags):" in out
+    assert "warning: text -> (video+audio) R@1, volume fell" in out
+    against = [
+        f"model=models:/{name}/{v1}",
+        f"baseline=models:/{name}/{v2}",
+        f"eval.shards={other}",
+        f"output={tmp_path / 'against-v2'}",
+    ]
+    assert evaluate.main([*against, *common]) == 0
+    out = capsys.readouterr().out
+    assert f"against the baseline models:/{name}/{v2} (metrics evaluated now and tagged):" in out
+    assert " fell " not in out, "v1 is the better model"
+    evals = [k for k in client.get_model_version(name, v2).tags if k.endswith(".run_id")]
+    assert len(evals) == 2, "the baseline's evaluation on eval-b is tagged on it"
 
 
 def test_two_promotions_racing_end_with_one_champion_and_a_consistent_audit_trail(
