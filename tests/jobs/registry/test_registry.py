@@ -333,25 +333,23 @@ def test_promote_refuses_a_worse_model_and_rolls_back(
 
     # `gram evaluate` against a registered baseline: its tags when it was evaluated on the
     # eval set (v1, by the promotions), else evaluated, logged and tagged (v2 on eval-b).
-    common = [f"tracking.tracking_uri={url}", "eval.parallel.local=true", *SYNTHETIC_CLASSES]
-    against = [
-        f"model=models:/{name}/{v2}",
-        f"baseline=models:/{name}/{v1}",
-        f"eval.shards={eval_shards}",
-        f"output={tmp_path / 'against-v1'}",
-    ]
-    assert evaluate.main([*against, *common]) == 0
-    out = capsys.readouterr().out
+    def against(model: str, baseline: str, shards: str) -> str:
+        args = [
+            f"model=models:/{name}/{model}",
+            f"baseline=models:/{name}/{baseline}",
+            f"eval.shards={shards}",
+            f"output={tmp_path / f'v{model}-against-v{baseline}'}",
+            f"tracking.tracking_uri={url}",
+            "eval.parallel.local=true",
+            *SYNTHETIC_CLASSES,
+        ]
+        assert evaluate.main(args) == 0
+        return capsys.readouterr().out
+
+    out = against(v2, v1, eval_shards)
     assert f"against the baseline models:/{name}/{v1} (metrics from its tags):" in out
     assert "warning: text -> (video+audio) R@1, volume fell" in out
-    against = [
-        f"model=models:/{name}/{v1}",
-        f"baseline=models:/{name}/{v2}",
-        f"eval.shards={other}",
-        f"output={tmp_path / 'against-v2'}",
-    ]
-    assert evaluate.main([*against, *common]) == 0
-    out = capsys.readouterr().out
+    out = against(v1, v2, other)
     assert f"against the baseline models:/{name}/{v2} (metrics evaluated now and tagged):" in out
     assert " fell " not in out, "v1 is the better model"
     evals = [k for k in client.get_model_version(name, v2).tags if k.endswith(".run_id")]
