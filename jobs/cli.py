@@ -41,6 +41,7 @@ COMMANDS = _commands()
 BENCHMARKS = {
     "av-digits": "av_digits.py",
     "av-digits-features": "av_digits_features.py",
+    "av-digits-plateau": "av_digits_plateau.py",
     "volume": "bench_volume.py",
     "model": "bench_model.py",
     "train": "bench_train.py",
