@@ -1,6 +1,6 @@
 """AV-digits on fixed features: does training longer meet the plateau rule?
 
-    PYTHONPATH=. python benchmarks/av_digits_plateau.py          # 3 arms x 3 lengths, ~15 min
+    PYTHONPATH=. python benchmarks/av_digits_plateau.py          # 3 arms x 3 lengths, ~10 min
     PYTHONPATH=. python benchmarks/av_digits_plateau.py --arms gram --steps 8000 32000 --seed 1
 
 Trains arms of `benchmarks/av_digits_features.py` from scratch with its settings (towers,
@@ -21,7 +21,7 @@ import json
 import multiprocessing
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{len(jobs)} runs on {LADDER[0].describe()} ...", flush=True)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max(1, args.parallel), mp_context=ctx) as pool:
-        futures = [pool.submit(functools.partial(_run, path, arm, args.seed, s)) for arm, s in jobs]
-        rows = [f.result() for f in futures]
+        futures = {
+            pool.submit(functools.partial(_run, path, arm, args.seed, s)): k
+            for k, (arm, s) in enumerate(jobs)
+        }
+        done: dict[int, dict[str, Any]] = {}
+        for future in as_completed(futures):
+            row = done[futures[future]] = future.result()
+            print(
+                f"[{len(done)}/{len(jobs)}] {row['arm']}, {row['steps']} steps: training loss "
+                f"{100 * row['train_change']:.2f} %, zero-shot {row['zero_shot']:.1f} % "
+                f"({row['seconds']:.0f} s)",
+                flush=True,
+            )
+    rows = [done[k] for k in range(len(jobs))]
     (args.out / "plateau.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(table(rows))
     print(f"written: {args.out / 'plateau.json'}")

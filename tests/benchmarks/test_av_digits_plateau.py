@@ -50,3 +50,4 @@ def test_quick_runs_every_arm_at_every_length(shared_data: Path, tmp_path: Path)
         assert 0.0 <= r["zero_shot"] <= 100.0
     assert rows[0]["train_change"] != rows[1]["train_change"], "20 and 40 steps are two runs"
     assert proc.stdout.count("| 0 | 40 |") == 2, proc.stdout
+    assert "[4/4] " in proc.stdout, "progress: a line per finished run"
